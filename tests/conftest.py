@@ -1,0 +1,83 @@
+"""Tiny random LLaMA-family models built in-process; nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_model(
+    family: str = "llama",
+    num_layers: int = 3,
+    num_kv_heads: int = 2,
+    n_rep: int = 2,
+    head_dim: int = 4,
+    intermediate_size: int = 24,
+    vocab_size: int = 64,
+    tied: bool = False,
+    bias: bool = False,
+    seed: int = 0,
+):
+    """A random causal LM; every tensor (norms and biases too) is random so that any slicing error shows.
+
+    ``bias`` gives Llama q/k/v/o and MLP biases (``attention_bias``/``mlp_bias``); Qwen2 always has q/k/v biases.
+    Hidden size is ``num_heads * head_dim`` (Llama's config insists on a multiple of the head count).
+    """
+    config_class, model_class = FAMILIES[family]
+    num_heads = num_kv_heads * n_rep
+    extra = {"attention_bias": bias, "mlp_bias": bias} if family == "llama" else {}
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=num_heads * head_dim,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tied,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 64) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w3 .. w{vocab_size-1}`` with <pad>, <s>, </s> as ids 0, 1, 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokens() -> torch.Tensor:
+    """Two sequences of 9 token ids, ``[2, 9]``."""
+    return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,136 @@
+"""Save -> load in a fresh process reproduces the pruned model: logits, generated tokens, parameter count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from tailored.export import REMOTE_CODE_NAME, REPORT_NAME, load_pruned, pruning_report, save_pruned
+from tailored.prune import prune_model
+from tailored.structure import GateValues, describe
+
+LOADERS = {
+    "transformers": "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained(path).eval()",
+    "remote code": "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()",
+    "tailored": "import tailored\nmodel = tailored.load_pruned(path)",
+}
+
+
+def load_in_fresh_process(path: Path, loader: str, tokens: torch.Tensor, tmp_path: Path) -> dict:
+    """Load ``path`` in a new Python process; return its logits, greedy generation and parameter count."""
+    torch.save(tokens, tmp_path / "tokens.pt")
+    template = textwrap.dedent(
+        """
+        import sys, torch
+        path, work = sys.argv[1], sys.argv[2]
+        {loader}
+        tokens = torch.load(work + "/tokens.pt")
+        with torch.no_grad():
+            logits = model(tokens).logits
+        generated = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5, do_sample=False)
+        count = sum(p.numel() for p in model.parameters())
+        torch.save({{"logits": logits, "generated": generated, "count": count, "class": type(model).__name__}},
+                   work + "/out.pt")
+        """
+    )
+    script = template.format(loader=LOADERS[loader])
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path)], check=True, env=env)
+    return torch.load(tmp_path / "out.pt")
+
+
+def uniform_gates(structure) -> GateValues:
+    gates = GateValues.ones(structure)
+    gates.groups[:, 0] = 0
+    gates.channels[:, 1::2] = 0
+    gates.channels *= 0.8
+    gates.layers[1] = 0
+    return gates
+
+
+def non_uniform_gates(structure) -> GateValues:
+    gates = uniform_gates(structure)
+    gates.attn[0] = 0  # first layer without attention: the KV cache must still count tokens
+    gates.groups[2, 1] = 0
+    gates.hidden[::5] = 0
+    return gates
+
+
+@pytest.mark.parametrize(
+    ("gates_for", "loaders"),
+    [(uniform_gates, ["transformers", "tailored"]), (non_uniform_gates, ["tailored", "remote code"])],
+    ids=["uniform", "non-uniform"],
+)
+def test_saved_model_reloads_exactly_in_a_fresh_process(gates_for, loaders, tokens, tmp_path):
+    model = tiny_model(num_layers=4, num_kv_heads=3, n_rep=2, tied=True)
+    structure = describe(model)
+    gates = gates_for(structure)
+    pruned = prune_model(model, gates)
+    report = pruning_report(structure, gates, source="tiny")
+    path = save_pruned(pruned, tmp_path / "export", tokenizer=tiny_tokenizer(), report=report)
+    with torch.no_grad():
+        logits = pruned(tokens).logits
+    generated = pruned.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5, do_sample=False)
+
+    assert (REMOTE_CODE_NAME in os.listdir(path)) == (report["format"] == "tailored")
+    for loader in loaders:
+        loaded = load_in_fresh_process(path, loader, tokens, tmp_path)
+        assert torch.equal(loaded["logits"], logits), loader
+        assert torch.equal(loaded["generated"], generated), loader
+        assert loaded["count"] == report["parameters"]["after"], loader
+
+
+def test_report_describes_the_pruned_model(tmp_path):
+    model = tiny_model(num_layers=4, num_kv_heads=3, n_rep=2)
+    structure = describe(model)
+    gates = non_uniform_gates(structure)
+    pruned = prune_model(model, gates)
+    path = save_pruned(pruned, tmp_path / "export", report=pruning_report(structure, gates))
+    report = json.loads((path / REPORT_NAME).read_text())
+    assert report["format"] == "tailored"
+    assert report["parameters"]["before"] == sum(p.numel() for p in model.parameters())
+    assert report["parameters"]["after"] == sum(p.numel() for p in pruned.parameters())
+    assert report["hidden_size"] == {"before": 24, "after": 19}
+    assert report["num_layers"] == {"before": 4, "after": 3}
+    assert [layer["source_layer"] for layer in report["layers"]] == [0, 2, 3]
+    assert [layer["kv_heads"] for layer in report["layers"]] == [0, 1, 2]
+    assert [layer["query_heads"] for layer in report["layers"]] == [0, 2, 4]
+    assert [layer["mlp_channels"] for layer in report["layers"]] == [12, 12, 12]
+
+
+def test_tokenizer_is_saved_alongside(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_model()
+    pruned = prune_model(model, uniform_gates(describe(model)))
+    path = save_pruned(pruned, tmp_path / "export", tokenizer=tiny_tokenizer())
+    assert AutoTokenizer.from_pretrained(path)("w5 w7")["input_ids"] == [5, 7]
+
+
+def test_existing_export_is_not_overwritten_silently(tmp_path):
+    model = tiny_model()
+    pruned = prune_model(model, uniform_gates(describe(model)))
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        save_pruned(pruned, target)
+    assert (target / "mine.txt").read_text() == "keep me"
+    save_pruned(pruned, target, overwrite=True)
+    assert not (target / "mine.txt").exists() and (target / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
+
+
+def test_loading_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pruned(tmp_path / "nowhere")
