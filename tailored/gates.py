@@ -1,12 +1,26 @@
-"""Every pruning gate of a model, in one module.
+"""Every pruning gate of a model and the Lagrange multipliers of the sparsity constraint, in one module.
 
-Keeping all gate logits in one ``nn.Module`` (as Sheared-LLaMA keeps its masks in one top-level module) keeps
-optimiser groups, checkpointing, logging and distributed wrapping simple: the decoder is left untouched, and
-:mod:`tailored.masking` applies the gate values to its activations.
+Keeping all gate logits and multipliers in one ``nn.Module`` (as Sheared-LLaMA keeps its masks in one top-level
+module) keeps optimiser groups, checkpointing, logging and distributed wrapping simple: the decoder is left
+untouched, and :mod:`tailored.masking` applies the gate values to its activations.
 
 Hierarchy (METHOD.md section 3): a KV group's effective gate is ``z_group * z_attn * z_layer``, an MLP channel's
 ``z_channel * z_mlp * z_layer``; :func:`tailored.structure.parameter_count` and the masking hooks apply the
 products, so the container holds one independent gate per unit.
+
+Sparsity regulariser (CoFi / Sheared-LLaMA, METHOD.md section 5), per constraint k with expected fraction s_k and
+target t_k (warmed up from 1)::
+
+    L_sparse = sum_k  lambda1_k * (s_k - t_k) + lambda2_k * (s_k - t_k)^2
+
+minimised over the gates and maximised over the multipliers: they enter through :func:`_ascent`, which reverses
+their gradient, so one ordinary optimiser step does gradient ascent on them.
+
+Why the multipliers need care in short runs: Adam moves every gate logit at about its learning rate whatever the
+multiplier's size, so gates that start saturated (``log_alpha`` = 5) lag the target, ``lambda_1`` integrates the
+gap meanwhile, and the ratio overshoots far below the target before swinging back. A multiplier learning rate well
+below the gates' and a positive initial ``lambda_2`` (a proportional term) keep the approach damped; measured on
+the tiny test model: 100 steps, target 0.6, ``penalty_init`` 0 -> lowest ratio 0.47, 100 -> 0.59.
 """
 
 from __future__ import annotations
@@ -17,45 +31,83 @@ import torch
 from torch import nn
 
 from tailored import hard_concrete
+from tailored.generator import DecisionGenerator
 from tailored.structure import GateValues, ModelStructure, parameter_count, unit_shapes
+from tailored.targets import SparsityTarget, constraint_values, final_gates, rounded_gates
 
 UNIT_TYPES = ("groups", "channels", "attn", "mlp", "layers", "hidden")
 """Names of the unit types, as in :class:`tailored.structure.GateValues`."""
-BLOCK_TYPES = ("attn", "mlp")
-"""Unit types that remove a block from some layers only: the result is never a stock Hugging Face layout."""
+LOGIT_SOURCES = ("direct", "generator")
+
+
+def _ascent(multiplier: torch.Tensor) -> torch.Tensor:
+    """The multiplier's value with its gradient negated: descending the loss ascends in the multiplier."""
+    return 2 * multiplier.detach() - multiplier
 
 
 class PruningGates(nn.Module):
-    """One hard-concrete gate per prunable unit of the chosen types; the other types are always kept.
+    """One hard-concrete gate per prunable unit of the chosen types (the other types are always kept), the
+    multipliers of the sparsity constraints, and the gates frozen for the recovery phase.
 
     Args:
         structure: the model's prunable structure (:func:`tailored.structure.describe`).
         prune: unit types to learn gates for (a subset of :data:`UNIT_TYPES`).
-        init_log_alpha: mean of the initial ``log_alpha`` (5: every unit kept with P ~ 0.999, Sheared-LLaMA).
-        init_std: standard deviation of the initial ``log_alpha``.
+        target: the sparsity target (:func:`tailored.targets.resolve_target`); None: no regulariser.
+        logits: ``direct`` (one learnable ``log_alpha`` per unit) or ``generator`` (ATP's decision network).
+        init_log_alpha: initial logit (5: every unit kept with P ~ 0.999, Sheared-LLaMA).
+        init_std: spread of the initial logits (direct) or of the generator heads' weights.
+        penalty_init: initial ``lambda_2``. CoFi and Sheared-LLaMA start both multipliers at 0; a positive value
+            makes the quadratic term an augmented-Lagrangian penalty from the first step, which damps the
+            overshoot of short runs (``lambda_2`` still rises by gradient ascent).
     """
 
     def __init__(
         self,
         structure: ModelStructure,
-        prune: Sequence[str] = ("groups", "channels", "hidden", "layers"),
+        prune: Sequence[str] = ("groups", "channels"),
+        target: SparsityTarget | None = None,
+        logits: str = "direct",
         init_log_alpha: float = 5.0,
         init_std: float = 0.01,
+        penalty_init: float = 0.0,
     ) -> None:
         super().__init__()
         unknown = sorted(set(prune) - set(UNIT_TYPES))
         if unknown or not prune:
             raise ValueError(f"prune must name one or more of {UNIT_TYPES}; got {list(prune)}")
-        self.structure = structure
+        if logits not in LOGIT_SOURCES:
+            raise ValueError(f"logits must be one of {LOGIT_SOURCES}, got {logits!r}")
+        self.structure, self.target = structure, target
         self.prune = tuple(name for name in UNIT_TYPES if name in prune)
         shapes = unit_shapes(structure)
-        self.log_alpha = nn.ParameterDict(
-            {name: nn.Parameter(torch.randn(shapes[name]) * init_std + init_log_alpha) for name in self.prune}
-        )
+        if logits == "direct":
+            self.log_alpha = nn.ParameterDict(
+                {name: nn.Parameter(torch.randn(shapes[name]) * init_std + init_log_alpha) for name in self.prune}
+            )
+        else:
+            self.generator = DecisionGenerator(structure, self.prune, init_log_alpha, init_std)
+        constraints = 0 if target is None else len(constraint_values(target, structure, self._ones())[0])
+        self.lambda_1 = nn.Parameter(torch.zeros(constraints))
+        self.lambda_2 = nn.Parameter(torch.full((constraints,), float(penalty_init)))
+        for name, shape in shapes.items():
+            self.register_buffer(f"frozen_{name}", torch.ones(shape))
+        self.register_buffer("is_frozen", torch.tensor(False))
+
+    def _ones(self) -> GateValues:
+        return GateValues.ones(self.structure)
 
     def log_alphas(self) -> dict[str, torch.Tensor]:
         """The gate logits of each pruned unit type."""
-        return dict(self.log_alpha.items())
+        if hasattr(self, "log_alpha"):
+            return dict(self.log_alpha.items())
+        return self.generator()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep direct logits within Sheared-LLaMA's range (call after each optimiser step)."""
+        if hasattr(self, "log_alpha"):
+            for parameter in self.log_alpha.values():
+                parameter.clamp_(*hard_concrete.LOG_ALPHA_RANGE)
 
     def _fill(self, learned: Mapping[str, torch.Tensor]) -> GateValues:
         """Gate values with ``learned`` for the pruned types and ones for the others."""
@@ -77,13 +129,18 @@ class PruningGates(nn.Module):
         """Expected parameters of the pruned model under the current gate distribution (float64, differentiable)."""
         return parameter_count(self.structure, self.keep_probabilities())
 
-    def expected_kept(self) -> dict[str, torch.Tensor]:
-        """Expected number of kept units: per layer ``[L]`` for groups and channels, a scalar for the others."""
-        return {
-            name: probs.sum(-1) if name in ("groups", "channels") else probs.sum()
-            for name, probs in self.keep_probabilities().items()
-            if name in self.prune
-        }
+    def sparsity_loss(self, warmup: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Lagrangian and the (expected, target) constraint fractions ``[K]``.
+
+        ``warmup`` in [0, 1] moves every target from 1 (dense) to its final value.
+        """
+        if self.target is None:
+            raise RuntimeError("these gates have no sparsity target")
+        expected, final = constraint_values(self.target, self.structure, self.keep_probabilities())
+        target = 1 - warmup * (1 - final.to(expected.device))
+        gap = expected - target
+        loss = (_ascent(self.lambda_1) * gap + _ascent(self.lambda_2) * gap**2).sum()
+        return loss, expected.detach(), target
 
     @torch.no_grad()
     def deterministic(self, kept: Mapping[str, torch.Tensor | int] | None = None) -> GateValues:
@@ -91,18 +148,35 @@ class PruningGates(nn.Module):
 
         Args:
             kept: units to keep per type: an int, or ``[L]`` per layer for groups and channels. A missing type
-                keeps the rounded expected count (:meth:`expected_kept`), as Sheared-LLaMA does.
+                keeps the rounded expected count, as Sheared-LLaMA does.
         Returns:
             Kept KV groups, channels, blocks and layers hold their soft value ``sigmoid(log_alpha / beta * 0.8)``,
             which surgery folds into the weights; kept hidden dims hold exactly 1 (a tied ``lm_head`` reads the
             same embedding columns, so a soft hidden value could not be folded into both).
         """
-        kept = dict(kept or {})
-        expected = self.expected_kept()
-        gates = {}
-        for name, log_alpha in self.log_alphas().items():
-            count = kept.get(name)
-            count = torch.round(expected[name]).long() if count is None else count
-            values = torch.ones_like(log_alpha) if name == "hidden" else hard_concrete.soft_value(log_alpha)
-            gates[name] = hard_concrete.keep_top_k(log_alpha, values, count)
-        return self._fill(gates)
+        log_alphas = self.log_alphas()
+        gates = rounded_gates(log_alphas, self.keep_probabilities(), self.prune)
+        for name, count in (kept or {}).items():
+            values = (
+                torch.ones_like(log_alphas[name]) if name == "hidden" else hard_concrete.soft_value(log_alphas[name])
+            )
+            setattr(gates, name, hard_concrete.keep_top_k(log_alphas[name], values, count))
+        return gates
+
+    @torch.no_grad()
+    def target_gates(self) -> GateValues:
+        """Deterministic gates that meet the target exactly (:func:`tailored.targets.final_gates`)."""
+        if self.target is None:
+            raise RuntimeError("these gates have no sparsity target")
+        return final_gates(self.target, self.structure, self.log_alphas(), self.keep_probabilities())
+
+    @torch.no_grad()
+    def freeze(self, gates: GateValues) -> None:
+        """Fix the gates for the recovery phase; they are saved with the module's state (checkpoints)."""
+        for name, value in gates.items():
+            getattr(self, f"frozen_{name}").copy_(value)
+        self.is_frozen.fill_(True)
+
+    def frozen(self) -> GateValues:
+        """The gates fixed by :meth:`freeze`."""
+        return GateValues(**{name: getattr(self, f"frozen_{name}") for name in UNIT_TYPES})

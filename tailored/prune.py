@@ -151,7 +151,9 @@ def pruned_state_dict(model: nn.Module, gates: GateValues, plan: PruningPlan) ->
     """
     structure = describe(model)
     base = unwrap(model)
-    hidden = torch.tensor(plan.hidden, device=gates.hidden.device)
+    device = base.model.embed_tokens.weight.device
+    gates = gates.map(lambda value: value.to(device))
+    hidden = torch.tensor(plan.hidden, device=device)
     state = {
         "model.embed_tokens.weight": base.model.embed_tokens.weight[:, hidden],
         "model.norm.weight": base.model.norm.weight[hidden],

@@ -177,6 +177,35 @@ def describe(model: nn.Module) -> ModelStructure:
     return structure
 
 
+def structure_from_config(config) -> ModelStructure:
+    """The structure a stock model of this config has, read without loading weights (for early checks).
+
+    :func:`describe` reads the real modules and is the authority once the model is loaded.
+    """
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model type {family!r} is not supported; tailored prunes LLaMA-family decoders: "
+            f"{', '.join(sorted(SUPPORTED_FAMILIES))}. Choose a model of one of those families."
+        )
+    attention_bias = getattr(config, "attention_bias", False)
+    return ModelStructure(
+        family=family,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        tied_embeddings=bool(config.tie_word_embeddings),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=getattr(config, "mlp_bias", False),
+        lm_head_bias=False,
+    )
+
+
 def _check_layer(layer: nn.Module, index: int, prefix: str, structure: ModelStructure) -> None:
     """Every layer must be the stock module of its family, with the shapes the config states."""
     expected_types = {

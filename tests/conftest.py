@@ -81,3 +81,25 @@ def tiny_tokenizer(vocab_size: int = 64) -> PreTrainedTokenizerFast:
 def tokens() -> torch.Tensor:
     """Two sequences of 9 token ids, ``[2, 9]``."""
     return torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama (GQA 4:2, tied) with its word-level tokenizer: a model folder ``tailored fit`` can use."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model(num_layers=3, num_kv_heads=2, n_rep=2, head_dim=8, intermediate_size=64, tied=True)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory):
+    """200 lines of 20 random words of the tiny tokenizer's vocabulary."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    lines = (" ".join(f"w{rng.randrange(3, 64)}" for _ in range(20)) for _ in range(200))
+    path.write_text("\n".join(lines))
+    return path

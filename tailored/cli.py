@@ -1,0 +1,120 @@
+"""The ``tailored`` command: LightningCLI for ``fit`` / ``validate`` / ``test``, plus ``export``.
+
+One node, one process (CPU or one GPU)::
+
+    tailored fit -c configs/quickstart.yaml
+    tailored fit -c configs/quickstart.yaml --ckpt_path last          # continue a killed run
+    tailored test -c configs/quickstart.yaml --ckpt_path last
+    tailored export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out exports/quickstart
+
+Several GPUs or nodes (Lightning launches the processes; run the same command on every node)::
+
+    tailored fit -c configs/llama3-8b-medical.yaml --trainer.devices 8 --trainer.num_nodes 2
+
+``tailored fit --help`` lists every option with its documentation; ``--print_config`` prints the full config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tailored.callbacks import ExportPruned, GateMonitor
+from tailored.data import DomainData
+from tailored.module import TailoredModule
+
+
+def checkpoint_dir(root: str | None) -> str:
+    """Checkpoints live in ``<trainer.default_root_dir>/checkpoints``, the same folder for every resumed run."""
+    return os.path.join(root or ".", "checkpoints")
+
+
+class TailoredCLI(LightningCLI):
+    """LightningCLI with the data tokenizer linked to the model, a resumable checkpoint, export and gate plots."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        parser.add_lightning_class_args(ExportPruned, "export")
+        parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then check ``--ckpt_path`` (LightningCLI reads the checkpoint right after parsing)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            check_checkpoint(config.get("ckpt_path"), config.trainer.default_root_dir)
+
+
+def check_checkpoint(ckpt_path: str | None, root: str) -> None:
+    """Fail clearly on a checkpoint that is missing or unreadable, before the model loads."""
+    if ckpt_path in (None, "last", "best", "hpc"):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; checkpoints of this run are in {checkpoint_dir(root)}"
+        )
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # any unpickling failure means the same thing to the user
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a tailored checkpoint ({error}); use another one"
+        ) from None
+
+
+def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
+    """Export the pruned model of a ``tailored fit`` checkpoint (any step), as the end of training would.
+
+    Args:
+        ckpt_path: a checkpoint written by ``tailored fit`` (e.g. ``runs/<run>/checkpoints/last.ckpt``).
+        out: folder to write the model, tokenizer and pruning_report.json to (must not exist unless overwrite).
+        overwrite: replace an existing non-empty ``out``.
+    """
+    check_checkpoint(ckpt_path, ".")
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already holds files; choose a new folder or pass --overwrite true")
+    module = TailoredModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    report = module.export(out, overwrite=overwrite)
+    parameters = report["parameters"]
+    print(f"pruned model saved to {out}: {parameters['after']:,} parameters ({parameters['kept_fraction']:.1%})")
+
+
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+"""Bad input (config, paths, data, checkpoints): reported as one message, not a traceback."""
+
+
+def run(args: list[str]) -> None:
+    """Parse ``args`` and run the subcommand (raises on bad input)."""
+    if args[:1] == ["export"]:
+        CLI(export, args=args[1:], as_positional=False)
+        return
+    TailoredCLI(
+        TailoredModule,
+        DomainData,
+        trainer_defaults={"callbacks": [LearningRateMonitor()], "check_val_every_n_epoch": None},
+        args=args,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``tailored`` console script. ``TAILORED_TRACEBACK=1`` shows tracebacks of input errors."""
+    try:
+        run(sys.argv[1:])
+    except USER_ERRORS as error:
+        if os.environ.get("TAILORED_TRACEBACK"):
+            raise
+        sys.exit(f"tailored: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

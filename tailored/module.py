@@ -1,0 +1,363 @@
+"""The LightningModule: a Hugging Face LLaMA-family model + peft LoRA + pruning gates, trained in one run.
+
+    loss = LM loss (masked model, sampled gates) + sparsity Lagrangian (tailored.gates)
+
+One run, three phases over ``trainer.max_steps`` (METHOD.md section 7)::
+
+    |── warm-up ──|──────── control ────────|──── recovery ────|
+     target ramps   gates converge to it      gates frozen at the exact target; LoRA keeps tuning
+     1 -> t
+
+Only LoRA, gate (or generator) and multiplier parameters train; the base weights stay frozen and are not
+written to checkpoints (they are reloaded from ``model`` on resume). ``pruning: null`` trains plain LoRA: the
+baseline the pruned model is compared with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from peft import LoraConfig, get_peft_model
+from torchmetrics import MeanMetric
+
+from tailored.export import pruning_report, save_pruned
+from tailored.gates import PruningGates
+from tailored.masking import GateHooks
+from tailored.models import check_model_name, load_config, load_model, load_tokenizer
+from tailored.prune import prune_model
+from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
+from tailored.targets import SparsityTarget, prunable_fraction, resolve_target
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHASES = ("warmup", "control", "recovery")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the projections of every decoder layer."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is B A x * alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    """Projections that get adapters (a subset of q/k/v/o_proj, gate/up/down_proj)."""
+
+
+@dataclass
+class PruningSettings:
+    """What to prune, how far, and on which schedule."""
+
+    target: float | None = 0.7
+    """Kept fraction of the prunable parameters, in (0, 1). Leave null when giving target_shape."""
+    target_shape: dict[str, int] | None = None
+    """Uniform target shape instead of a fraction: any of groups, channels, hidden, layers (kept counts)."""
+    units: list[str] = field(default_factory=lambda: ["groups", "channels"])
+    """Unit types to prune: groups (KV heads with their query heads), channels, hidden, layers, attn, mlp."""
+    uniform: bool = True
+    """Every layer ends with the same shape, so the export is a stock Hugging Face model."""
+    logits: str = "direct"
+    """Gate logits: direct (one per unit) or generator (ATP's pruning-decision network)."""
+    warmup: float = 0.3
+    """Fraction of the pruning steps (warm-up + control) over which the target ramps from dense."""
+    recovery: float = 0.2
+    """Fraction of all steps, at the end, with gates frozen at the exact target while LoRA keeps tuning."""
+    round_to: int = 8
+    """Uniform mode: kept channels and hidden dims are multiples of this (fast kernels prefer 8 or 64)."""
+    init_log_alpha: float = 5.0
+    """Initial gate logit (5: every unit kept with probability ~0.999)."""
+    penalty_init: float = 100.0
+    """Initial quadratic multiplier lambda_2: damps the approach to the target in short runs (0 in CoFi/Sheared)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.units) - {"groups", "channels", "hidden", "layers", "attn", "mlp"})
+        if unknown or not self.units:
+            raise ValueError(f"pruning.units: unknown or empty {unknown or self.units}")
+        if self.uniform and {"attn", "mlp"} & set(self.units):
+            raise ValueError("pruning.units attn/mlp remove blocks from some layers only; they need uniform: false")
+        for name in ("warmup", "recovery"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"pruning.{name} is a fraction of steps in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW learning rates of the three trainable groups."""
+
+    lora_lr: float = 1e-4
+    """LoRA adapters."""
+    gates_lr: float = 0.5
+    """Gate logits (direct) or the generator (ATP uses 1e-3 for its generator)."""
+    multipliers_lr: float = 0.05
+    """Lagrange multipliers (gradient ascent); keep it well below gates_lr so the gates can follow."""
+    weight_decay: float = 0.0
+    """Weight decay of the LoRA adapters."""
+
+
+class TailoredModule(L.LightningModule):
+    """One-stage tuning and structural pruning of a LLaMA-family causal LM.
+
+    Args:
+        model: Hugging Face model folder, hub name, or ``embedded:SmolLM2-135M-Instruct``.
+        dtype: dtype of the frozen base weights (float32, bfloat16, float16).
+        lora: LoRA settings.
+        pruning: pruning settings; null trains plain LoRA.
+        optimizer: learning rates.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded:SmolLM2-135M-Instruct",
+        dtype: str = "float32",
+        lora: LoraSettings | None = None,
+        pruning: PruningSettings | None = None,
+        optimizer: OptimizerSettings | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_settings = lora or LoraSettings()
+        self.pruning_settings = pruning
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        unknown_targets = sorted(set(self.lora_settings.targets) - set(PROJECTIONS))
+        if unknown_targets:
+            raise ValueError(f"lora.targets {unknown_targets} are not projections; choose from {PROJECTIONS}")
+        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+        self.model_name, self.dtype_name, self.gradient_checkpointing = model, dtype, gradient_checkpointing
+        # cheap checks before any weight is loaded: the name, the architecture, the target
+        check_model_name(model)
+        self.structure_hint: ModelStructure = structure_from_config(load_config(model))
+        self.target: SparsityTarget | None = None
+        if pruning is not None:
+            units = tuple(pruning.units)
+            self.target = resolve_target(
+                self.structure_hint, units, pruning.target, pruning.target_shape, pruning.uniform, pruning.round_to
+            )
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold only the trainable state; see on_load_checkpoint
+        self.model = None
+        self.val_loss = torch.nn.ModuleList()
+
+    def setup(self, stage: str) -> None:
+        """One token-weighted mean loss per task of the datamodule (validation and test)."""
+        tasks = len(self.trainer.datamodule.tasks) if self.trainer.datamodule is not None else 1
+        self.val_loss = torch.nn.ModuleList(MeanMetric() for _ in range(tasks))
+
+    # ---- building --------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Load the base model, attach LoRA, create the gates and their hooks (once)."""
+        if self.model is not None:
+            return
+        base = load_model(self.model_name, dtype=getattr(torch, self.dtype_name))
+        base.requires_grad_(False)
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        settings = self.lora_settings
+        config = LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=settings.targets
+        )
+        self.model = get_peft_model(base, config)
+        self.structure = describe(self.model)
+        if self.target is not None:
+            pruning = self.pruning_settings
+            self.gates = PruningGates(
+                self.structure,
+                self.target.prune,
+                self.target,
+                pruning.logits,
+                pruning.init_log_alpha,
+                penalty_init=pruning.penalty_init,
+            ).to(self.device)
+            self.hooks = GateHooks(self.model)
+
+    # ---- schedule --------------------------------------------------------------------------------------------
+
+    def phase_bounds(self) -> tuple[int, int]:
+        """(first control step, first recovery step) for ``trainer.max_steps``."""
+        total = self.trainer.max_steps
+        recovery_start = round((1 - self.pruning_settings.recovery) * total)
+        return round(self.pruning_settings.warmup * recovery_start), recovery_start
+
+    def phase(self, step: int) -> str:
+        control_start, recovery_start = self.phase_bounds()
+        return "warmup" if step < control_start else "control" if step < recovery_start else "recovery"
+
+    def on_fit_start(self) -> None:
+        if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
+            raise ValueError("set trainer.max_steps: the pruning phases are scheduled over a fixed number of steps")
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+
+    def current_gates(self) -> GateValues:
+        """Training gates: sampled while pruning, frozen during recovery (freezing them on the first such step)."""
+        if self.phase(self.global_step) == "recovery":
+            if not self.gates.is_frozen:
+                self.log_ratios("sparsity/ratio_before_topk", self.gates.deterministic())
+                self.gates.freeze(self.gates.target_gates())
+            return self.gates.frozen()
+        return self.gates.sample()
+
+    def evaluation_gates(self) -> GateValues:
+        """Frozen gates once recovery began; before that, the rounded expected counts (no forcing)."""
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.deterministic()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.target is None:
+            loss = self.model(**batch).loss
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        gates = self.current_gates()
+        with self.hooks.applied(gates):
+            lm_loss = self.model(**batch).loss
+        loss = lm_loss
+        phase = self.phase(self.global_step)
+        if phase != "recovery":
+            control_start, _ = self.phase_bounds()
+            warmup = min(1.0, self.global_step / max(1, control_start))
+            regulariser, expected, target = self.gates.sparsity_loss(warmup)
+            loss = loss + regulariser
+            self.log("sparsity/regulariser", regulariser)
+            self.log("sparsity/constraint_gap", (expected - target).abs().max())
+            self.log("sparsity/target", 1 - warmup * (1 - self.target.fraction))
+            self.log("lagrangian/lambda_1", self.gates.lambda_1.mean())
+            self.log("lagrangian/lambda_2", self.gates.lambda_2.mean())
+        self.log("train/lm_loss", lm_loss, prog_bar=True)
+        self.log("train/loss", loss)
+        self.log("train/phase", float(PHASES.index(phase)))
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log_sparsity()
+        return loss
+
+    @torch.no_grad()
+    def log_sparsity(self) -> None:
+        """Expected and hard kept fractions of the prunable parameters, and per unit type."""
+        probs = self.gates.keep_probabilities()
+        expected = prunable_fraction(self.structure, self.target.prune, parameter_count(self.structure, probs))
+        self.log("sparsity/expected_ratio", float(expected))
+        self.log_ratios("sparsity/hard_ratio", self.evaluation_gates(), prog_bar=True)
+        for name in self.target.prune:
+            self.log(f"sparsity/kept_{name}", getattr(probs, name).mean())
+
+    def log_ratios(self, name: str, gates: GateValues, prog_bar: bool = False) -> None:
+        count = parameter_count(self.structure, gates.kept())
+        self.log(name, float(prunable_fraction(self.structure, self.target.prune, count)), prog_bar=prog_bar)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.target is not None:
+            self.gates.clamp_()
+
+    def _evaluation_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
+        if self.target is None:
+            loss = self.model(**batch).loss
+        else:
+            with self.hooks.applied(self.evaluation_gates()):
+                loss = self.model(**batch).loss
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        self.val_loss[dataloader_idx].update(loss, weight=tokens)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, dataloader_idx)
+
+    def _log_evaluation(self, stage: str) -> None:
+        names = [task.name for task in self.trainer.datamodule.tasks] if self.trainer.datamodule else []
+        for index, metric in enumerate(self.val_loss):
+            name = names[index] if index < len(names) else str(index)
+            loss = metric.compute()
+            self.log(f"{stage}/{name}/loss", loss, prog_bar=stage == "val" and index == 0)
+            self.log(f"{stage}/{name}/perplexity", torch.exp(loss))
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    # ---- optimisation ----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with one group per kind of trainable parameter; prints their sizes."""
+        settings = self.optimizer_settings
+        lora = [p for name, p in self.model.named_parameters() if p.requires_grad and "lora_" in name]
+        groups = [{"name": "lora", "params": lora, "lr": settings.lora_lr, "weight_decay": settings.weight_decay}]
+        if self.target is not None:
+            multipliers = [self.gates.lambda_1, self.gates.lambda_2]
+            gate_params = [p for name, p in self.gates.named_parameters() if not name.startswith("lambda_")]
+            groups.append({"name": "gates", "params": gate_params, "lr": settings.gates_lr, "weight_decay": 0.0})
+            groups.append(
+                {"name": "multipliers", "params": multipliers, "lr": settings.multipliers_lr, "weight_decay": 0.0}
+            )
+        grouped = {id(p) for group in groups for p in group["params"]}
+        stray = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in grouped]
+        if stray:
+            raise RuntimeError(f"trainable parameters outside the optimiser groups: {stray[:5]}")
+        for group in groups:
+            count = sum(p.numel() for p in group["params"])
+            print(f"optimiser group {group['name']:<12} {len(group['params']):>5} tensors {count:>12,} parameters")
+        return torch.optim.AdamW(groups)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict keys that a checkpoint holds: trainable parameters and the gates' buffers."""
+        keys = {name for name, p in self.named_parameters() if p.requires_grad}
+        return keys | {name for name, _ in self.named_buffers() if name.startswith("gates.")}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen base weights (reloaded from ``model`` on resume): checkpoints stay small."""
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["tailored_structure"] = asdict(self.structure)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Build the model first (load_from_checkpoint does not), then check the checkpoint fits it."""
+        self.configure_model()
+        saved = checkpoint.get("tailored_structure")
+        if saved is not None and saved != asdict(self.structure):
+            raise ValueError(
+                f"the checkpoint was written for a model of structure {saved}, but {self.model_name} has "
+                f"{asdict(self.structure)}; resume with the model the run started with"
+            )
+        expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
+        if expected != found:
+            missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
+            raise ValueError(
+                f"the checkpoint does not match this run's LoRA/pruning settings (missing {missing}, unexpected "
+                f"{extra}); resume with the config the checkpoint was written with"
+            )
+
+    # ---- export ----------------------------------------------------------------------------------------------
+
+    def final_gates(self) -> GateValues:
+        """The gates the exported model realises: frozen ones, else those meeting the target exactly."""
+        if self.target is None:
+            return GateValues.ones(self.structure)
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.target_gates()
+
+    @torch.no_grad()
+    def export(self, path: str | Path, overwrite: bool = False) -> dict:
+        """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
+        gates = self.final_gates().map(lambda value: value.detach().float())
+        pruned = prune_model(self.model, gates)
+        report = pruning_report(self.structure, gates, source=self.model_name)
+        if self.target is not None:
+            report["target"] = {
+                "fraction_of_prunable": self.target.fraction,
+                "shape": asdict(self.target.shape) if self.target.shape else None,
+            }
+            count = parameter_count(self.structure, gates.kept())
+            report["kept_fraction_of_prunable"] = float(prunable_fraction(self.structure, self.target.prune, count))
+        report["trained_steps"] = self.global_step
+        save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
+        return report

