@@ -67,6 +67,7 @@ class DomainData(L.LightningDataModule):
         response_only: instruction tasks compute the loss on the answer tokens only.
         eval_rows: at most this many held-out rows per task.
         seed: seed of the training stream and of the held-out split.
+        data_dir: folder that relative local task sources are read from (default: the working directory).
     """
 
     def __init__(
@@ -78,10 +79,13 @@ class DomainData(L.LightningDataModule):
         response_only: bool = True,
         eval_rows: int = 64,
         seed: int = 0,
+        data_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("data.tasks is empty; declare at least one task")
+        if data_dir is not None:
+            tasks = [sources.within(task, data_dir) for task in tasks]
         names = [task.name for task in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")

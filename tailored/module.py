@@ -157,6 +157,7 @@ class TailoredModule(L.LightningModule):
             return
         base = load_model(self.model_name, dtype=getattr(torch, self.dtype_name))
         base.requires_grad_(False)
+        base.train()  # from_pretrained returns eval mode; Lightning switches modes per stage itself
         if self.gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()

@@ -16,6 +16,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -25,6 +26,17 @@ from tailored.models import cache_dir
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 """File suffix -> ``datasets`` builder. Text files give one row per line in a ``text`` column."""
 PYPI_PREFIX = "pypi:"
+
+
+def within(task, data_dir: str):
+    """``task`` with its relative local sources read from ``data_dir``."""
+
+    def resolve(source: str | None) -> str | None:
+        if source is None or not is_local(source) or source.startswith(PYPI_PREFIX) or Path(source).is_absolute():
+            return source
+        return str(Path(data_dir).expanduser() / source)
+
+    return replace(task, source=resolve(task.source), eval_source=resolve(task.eval_source))
 
 
 def is_local(source: str) -> bool:

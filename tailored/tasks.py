@@ -118,17 +118,31 @@ class Task:
 
 
 def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_only: bool) -> dict[str, list[int]]:
-    """Token ids and labels of one prompt -> answer example; the prompt is cut from the left to fit ``max_length``.
+    """Token ids and labels of one prompt -> answer example, at most ``max_length`` tokens.
 
-    With ``response_only`` the prompt tokens get label :data:`IGNORE_INDEX`, so the loss covers the answer only.
+    The answer keeps at most half of them; a longer prompt loses its middle (:func:`cut_middle`). With
+    ``response_only`` the prompt tokens get label :data:`IGNORE_INDEX`, so the loss covers the answer only.
     """
-    prompt = format_prompt(task, row, tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=not task.chat)["input_ids"]
     answer_ids = tokenizer(task.target(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    answer_ids = answer_ids[: max_length // 2] if len(answer_ids) > max_length // 2 else answer_ids
-    prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
+    answer_ids = answer_ids[: max_length // 2]
+    prompt_ids = encode_prompt(task, row, tokenizer, max_length - len(answer_ids))
     prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if response_only else prompt_ids
     return {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
+
+
+def encode_prompt(task: Task, row: dict, tokenizer, max_length: int) -> list[int]:
+    """Token ids of a row's prompt, cut to ``max_length`` by :func:`cut_middle`."""
+    prompt = format_prompt(task, row, tokenizer)
+    return cut_middle(tokenizer(prompt, add_special_tokens=not task.chat)["input_ids"], max_length)
+
+
+def cut_middle(ids: list[int], max_length: int) -> list[int]:
+    """``ids`` without their middle when too long: the start (instruction, title) and the end (the question and the
+    answer cue, e.g. ``Summary:``) of a prompt matter most; long documents sit in between."""
+    if len(ids) <= max_length:
+        return ids
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
 
 
 def format_prompt(task: Task, row: dict, tokenizer) -> str:
