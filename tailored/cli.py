@@ -6,6 +6,7 @@ One node, one process (CPU or one GPU)::
     tailored fit -c configs/quickstart.yaml --ckpt_path last          # continue a killed run
     tailored test -c configs/quickstart.yaml --ckpt_path last
     tailored export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out exports/quickstart
+    tailored recovery -c configs/quickstart.yaml --pruned <export> --tuned <export of a pruning: null run>
 
 Several GPUs or nodes (Lightning launches the processes; run the same command on every node)::
 
@@ -16,6 +17,7 @@ Several GPUs or nodes (Lightning launches the processes; run the same command on
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tailored.callbacks import ExportPruned, GateMonitor
 from tailored.data import DomainData
+from tailored.evaluate import format_recovery, recovery_table
 from tailored.module import TailoredModule
 
 
@@ -89,14 +92,49 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     print(f"pruned model saved to {out}: {parameters['after']:,} parameters ({parameters['kept_fraction']:.1%})")
 
 
+def recovery(
+    run_config: str, pruned: str, tuned: str | None = None, dense: str | None = None, out: str | None = None
+) -> dict:
+    """Evaluate the dense model, the dense model LoRA-tuned and the pruned model on a config's tasks, and print
+    each task's primary metric with the share of the dense model's that the others keep (ATP's "% of dense").
+
+    Args:
+        run_config: a ``tailored fit`` config (``-c``); its data section (tasks, held-out splits, shots) and
+            model are used.
+        pruned: the pruned model's export folder (``<log dir>/export`` of a ``tailored fit`` run).
+        tuned: the export of the same run with ``--model.pruning null`` (plain LoRA, merged into the dense model).
+        dense: the dense model (default: the config's ``model.model``).
+        out: also write the table as JSON to this file.
+    """
+    cli = TailoredCLI(TailoredModule, DomainData, run=False, args=["-c", run_config, "--trainer.logger", "false"])
+    settings = cli.model
+    models = {"dense": dense or settings.model_name, "tuned": tuned, "pruned": pruned}
+    results = {}
+    for name, model in models.items():
+        if model is None:
+            continue
+        module = TailoredModule(model=model, dtype=settings.dtype_name, lora=settings.lora_settings)
+        print(f"evaluating {name}: {model}")
+        cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
+        results[name] = module.results
+    kinds = {task.name: task.kind for task in cli.datamodule.tasks}
+    report = recovery_table(results, kinds, dense="dense") | {"models": models, "results": results}
+    print(format_recovery(report))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 """Bad input (config, paths, data, checkpoints): reported as one message, not a traceback."""
 
 
 def run(args: list[str]) -> None:
     """Parse ``args`` and run the subcommand (raises on bad input)."""
-    if args[:1] == ["export"]:
-        CLI(export, args=args[1:], as_positional=False)
+    commands = {"export": export, "recovery": recovery}
+    if args[:1] and args[0] in commands:
+        options = ["--run_config" if arg == "-c" else arg for arg in args[1:]]  # -c as in fit/test
+        CLI(commands[args[0]], args=options, as_positional=False)
         return
     TailoredCLI(
         TailoredModule,

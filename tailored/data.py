@@ -1,4 +1,4 @@
-"""The DataModule: tasks mixed into one training stream, a held-out split per task.
+"""The DataModule: tasks mixed into one training stream, a held-out split per task, dynamic task weights.
 
 Training draws from an endless stream whose example ``i`` is a pure function of ``(seed, i)``: a task is drawn
 with the mixture weights, then one of its examples. So a resumed run continues exactly where the killed one
@@ -8,8 +8,9 @@ to save, and mixture weights can change during training (dynamic batch loading) 
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 
 from tailored import sources
 from tailored.models import check_model_name, resolve_model
-from tailored.tasks import IGNORE_INDEX, Task, encode_example, pack_text
+from tailored.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text
 
 
 class MixtureStream(IterableDataset):
@@ -56,18 +57,36 @@ class MixtureStream(IterableDataset):
             index += 1
 
 
+def dynamic_weights(
+    weights: Sequence[float], losses: Sequence[float], references: Sequence[float], smoothing: float = 1e-4
+) -> list[float]:
+    """Sheared-LLaMA's dynamic batch loading (METHOD.md section 8): weight moves to the tasks whose held-out loss
+    is furthest above its reference::
+
+        w <- (1 - c) * softmax(log w + max(0, loss - reference)) + c / K
+    """
+    scores = [math.log(w) + max(0.0, loss - ref) for w, loss, ref in zip(weights, losses, references, strict=True)]
+    top = max(scores)
+    exps = [math.exp(score - top) for score in scores]
+    return [(1 - smoothing) * e / sum(exps) + smoothing / len(exps) for e in exps]
+
+
 class DomainData(L.LightningDataModule):
     """Training and held-out data for a domain made of one or more tasks.
 
     Args:
         tasks: the tasks (see :class:`tailored.tasks.Task`).
         tokenizer: model name or path whose tokenizer is used (linked to ``model.model`` by the CLI).
-        seq_len: tokens per example (language modelling blocks; prompt + answer are cut to fit).
+        seq_len: tokens per training example (language modelling blocks; prompt + answer are cut to fit).
+        eval_seq_len: most prompt tokens at evaluation (k-shot prompts are longer than training ones).
         batch_size: examples per batch and process.
         response_only: instruction tasks compute the loss on the answer tokens only.
-        eval_rows: at most this many held-out rows per task.
-        seed: seed of the training stream and of the held-out split.
+        eval_rows: at most this many held-out rows per instruction task.
+        seed: seed of the training stream, of the held-out split and of the k-shot examples.
         data_dir: folder that relative local task sources are read from (default: the working directory).
+        dynamic: reweight tasks after every validation by their held-out loss's excess over the reference loss.
+        reference_losses: per task name, the reference loss of dynamic weighting; by default the dense model's
+            own held-out loss, measured when training starts.
     """
 
     def __init__(
@@ -75,11 +94,14 @@ class DomainData(L.LightningDataModule):
         tasks: list[Task],
         tokenizer: str = "",
         seq_len: int = 256,
+        eval_seq_len: int = 1024,
         batch_size: int = 4,
         response_only: bool = True,
         eval_rows: int = 64,
         seed: int = 0,
         data_dir: str | None = None,
+        dynamic: bool = False,
+        reference_losses: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -89,9 +111,15 @@ class DomainData(L.LightningDataModule):
         names = [task.name for task in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
+        if reference_losses is not None and set(reference_losses) != set(names):
+            raise ValueError(
+                f"data.reference_losses must name exactly the tasks {names}, got {sorted(reference_losses)}"
+            )
         self.tasks, self.tokenizer_name = tasks, tokenizer
-        self.seq_len, self.batch_size, self.response_only = seq_len, batch_size, response_only
-        self.eval_rows, self.seed = eval_rows, seed
+        self.seq_len, self.eval_seq_len, self.batch_size = seq_len, eval_seq_len, batch_size
+        self.response_only, self.eval_rows, self.seed = response_only, eval_rows, seed
+        self.dynamic = dynamic
+        self.reference_losses = [reference_losses[name] for name in names] if reference_losses else None
         for task in tasks:  # fail on a missing file or column now, before any model weight is loaded
             for source in filter(None, (task.source, task.eval_source)):
                 found = sources.columns(source)
@@ -101,7 +129,7 @@ class DomainData(L.LightningDataModule):
             check_model_name(tokenizer)
         self.tokenizer = None
         self.train_examples: list[list[dict]] = []
-        self.eval_examples: list[list[dict]] = []
+        self.eval_items: list[list[dict]] = []
         self.weights = [task.weight for task in tasks]
 
     def setup(self, stage: str) -> None:
@@ -110,11 +138,11 @@ class DomainData(L.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_name))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        for task in self.tasks:
+        for index, task in enumerate(self.tasks):
             train_rows, eval_rows = self._split(task)
             self.train_examples.append(self._encode(task, train_rows))
-            self.eval_examples.append(self._encode(task, eval_rows))
-            for split, examples in (("training", self.train_examples[-1]), ("held-out", self.eval_examples[-1])):
+            self.eval_items.append(self._encode_eval(index, task, train_rows, eval_rows))
+            for split, examples in (("training", self.train_examples[-1]), ("held-out", self.eval_items[-1])):
                 if not examples:
                     raise ValueError(
                         f"task {task.name!r}: its {split} split is empty after tokenisation (seq_len {self.seq_len}); "
@@ -135,12 +163,37 @@ class DomainData(L.LightningDataModule):
             rows = rows.select(range(min(task.max_rows, len(rows))))
         if task.kind != "language_modeling":  # language modelling packs text: more rows give more blocks
             held_out = held_out.select(range(min(self.eval_rows, len(held_out))))
+        if task.shots > len(rows):
+            raise ValueError(f"task {task.name!r}: {task.shots} shots but only {len(rows)} training rows")
         return rows, held_out
 
     def _encode(self, task: Task, rows) -> list[dict]:
         if task.kind == "language_modeling":
             return pack_text(task, rows, self.tokenizer, self.seq_len)
         return [encode_example(task, row, self.tokenizer, self.seq_len, self.response_only) for row in rows]
+
+    def _encode_eval(self, task_index: int, task: Task, train_rows, eval_rows) -> list[dict]:
+        if task.kind == "language_modeling":
+            return self._encode(task, eval_rows)
+        return [
+            encode_eval_item(
+                task,
+                row,
+                self.tokenizer,
+                self.eval_seq_len,
+                self.response_only,
+                shots=self.shots_for(task_index, row_index, train_rows),
+            )
+            for row_index, row in enumerate(eval_rows)
+        ]
+
+    def shots_for(self, task_index: int, row_index: int, train_rows) -> list[dict]:
+        """The k-shot examples of held-out row ``row_index``: training rows drawn by ``(seed, task, row)``."""
+        task = self.tasks[task_index]
+        if task.shots == 0:
+            return []
+        rng = random.Random((self.seed * 1_000_003 + task_index) * 1_000_003 + row_index)
+        return [train_rows[i] for i in rng.sample(range(len(train_rows)), task.shots)]
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -156,9 +209,9 @@ class DomainData(L.LightningDataModule):
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task, in task order (``dataloader_idx`` = task index)."""
+        """One loader per task, in task order (``dataloader_idx`` = task index); see :meth:`collate_eval`."""
         return [
-            DataLoader(examples, batch_size=self.batch_size, collate_fn=self.collate) for examples in self.eval_examples
+            DataLoader(items, batch_size=self.batch_size, collate_fn=self.collate_eval) for items in self.eval_items
         ]
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -166,19 +219,55 @@ class DomainData(L.LightningDataModule):
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ``[B, T]``; padding carries no loss."""
-        length = max(len(example["input_ids"]) for example in examples)
-        pad = self.tokenizer.pad_token_id
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for example in examples:
-            missing = length - len(example["input_ids"])
-            batch["input_ids"].append(example["input_ids"] + [pad] * missing)
-            batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * missing)
-            batch["labels"].append(example["labels"] + [IGNORE_INDEX] * missing)
-        return {key: torch.tensor(value) for key, value in batch.items()}
+        ids, mask = pad([example["input_ids"] for example in examples], self.tokenizer.pad_token_id, left=False)
+        labels, _ = pad([example["labels"] for example in examples], IGNORE_INDEX, left=False)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def collate_eval(self, items: list[dict]) -> dict:
+        """The teacher-forced batch of :meth:`collate`, plus per task kind:
+
+        - options (classification, multiple choice): ``option_input_ids``, ``option_attention_mask``
+          ``[B * n_options, T]``, left-padded prompt + option, ``option_lengths`` ``[B * n_options]``, ``label`` [B];
+        - generation: ``prompt_input_ids``, ``prompt_attention_mask`` ``[B, T]`` left-padded, ``references``.
+        """
+        batch = self.collate(items)
+        pad_id = self.tokenizer.pad_token_id
+        if "option_ids" in items[0]:
+            sequences = [item["prompt_ids"] + option for item in items for option in item["option_ids"]]
+            batch["option_input_ids"], batch["option_attention_mask"] = pad(sequences, pad_id, left=True)
+            lengths = [len(option) for item in items for option in item["option_ids"]]
+            batch["option_lengths"] = torch.tensor(lengths)
+            batch["label"] = torch.tensor([item["label"] for item in items])
+        elif "reference" in items[0]:
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad(
+                [item["prompt_ids"] for item in items], pad_id, left=True
+            )
+            batch["references"] = [item["reference"] for item in items]
+        return batch
+
+    def update_weights(self, losses: Sequence[float]) -> None:
+        """Dynamic batch loading: move the mixture weights (in place: the training stream reads them)."""
+        self.weights[:] = dynamic_weights(self.weights, losses, self.reference_losses)
 
     def state_dict(self) -> dict:
-        """Mixture weights (they change under dynamic batch loading) for resumption."""
-        return {"weights": list(self.weights)}
+        """Mixture weights and reference losses (dynamic batch loading) for resumption."""
+        return {"weights": list(self.weights), "reference_losses": self.reference_losses}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.weights[:] = state_dict["weights"]
+        self.reference_losses = state_dict.get("reference_losses")
+
+
+def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence: ``[B, T]`` values and the ``[B, T]`` attention mask (1 on real tokens).
+
+    Generation and option scoring pad on the left, so every sequence ends at the last position.
+    """
+    length = max(len(sequence) for sequence in sequences)
+    padded, mask = [], []
+    for sequence in sequences:
+        fill = [value] * (length - len(sequence))
+        ones, zeros = [1] * len(sequence), [0] * len(fill)
+        padded.append(fill + sequence if left else sequence + fill)
+        mask.append(zeros + ones if left else ones + zeros)
+    return torch.tensor(padded), torch.tensor(mask)

@@ -15,14 +15,16 @@ baseline the pruned model is compared with.
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from peft import LoraConfig, get_peft_model
-from torchmetrics import MeanMetric
 
+from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods
 from tailored.export import pruning_report, save_pruned
 from tailored.gates import PruningGates
 from tailored.masking import GateHooks
@@ -30,6 +32,7 @@ from tailored.models import check_model_name, load_config, load_model, load_toke
 from tailored.prune import prune_model
 from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
 from tailored.targets import SparsityTarget, prunable_fraction, resolve_target
+from tailored.tasks import IGNORE_INDEX
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("warmup", "control", "recovery")
@@ -142,12 +145,13 @@ class TailoredModule(L.LightningModule):
         self.save_hyperparameters()
         self.strict_loading = False  # checkpoints hold only the trainable state; see on_load_checkpoint
         self.model = None
-        self.val_loss = torch.nn.ModuleList()
+        self.task_metrics = torch.nn.ModuleList()
+        self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, stage: str) -> None:
-        """One token-weighted mean loss per task of the datamodule (validation and test)."""
-        tasks = len(self.trainer.datamodule.tasks) if self.trainer.datamodule is not None else 1
-        self.val_loss = torch.nn.ModuleList(MeanMetric() for _ in range(tasks))
+        """The metrics of every task of the datamodule (validation and test)."""
+        self.tasks = self.trainer.datamodule.tasks
+        self.task_metrics = torch.nn.ModuleList(TaskMetrics(task) for task in self.tasks).to(self.device)
 
     # ---- building --------------------------------------------------------------------------------------------
 
@@ -194,6 +198,13 @@ class TailoredModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
             raise ValueError("set trainer.max_steps: the pruning phases are scheduled over a fixed number of steps")
+        data = self.trainer.datamodule
+        if data.dynamic and data.reference_losses is None:
+            data.reference_losses = self.dense_losses()
+            print(
+                "dynamic batch loading, dense reference losses:",
+                dict(zip([t.name for t in self.tasks], data.reference_losses, strict=True)),
+            )
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
@@ -255,14 +266,23 @@ class TailoredModule(L.LightningModule):
         if self.target is not None:
             self.gates.clamp_()
 
-    def _evaluation_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> None:
-        if self.target is None:
-            loss = self.model(**batch).loss
-        else:
-            with self.hooks.applied(self.evaluation_gates()):
-                loss = self.model(**batch).loss
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        self.val_loss[dataloader_idx].update(loss, weight=tokens)
+    def applied_gates(self):
+        """The masked forward with evaluation gates (the dense model when not pruning)."""
+        return nullcontext() if self.target is None else self.hooks.applied(self.evaluation_gates())
+
+    def _evaluation_step(self, batch: dict, dataloader_idx: int) -> None:
+        task, metrics = self.tasks[dataloader_idx], self.task_metrics[dataloader_idx]
+        with self.applied_gates():
+            loss = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+            metrics.loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if "option_input_ids" in batch:
+                metrics.accuracy.update(option_log_likelihoods(self.model, batch).argmax(-1), batch["label"])
+            if "references" in batch:
+                tokenizer = self.trainer.datamodule.tokenizer
+                answers = greedy_answers(self.model, batch, tokenizer, task.max_new_tokens, task.stop)
+                metrics.rouge.update(answers, batch["references"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step(batch, dataloader_idx)
@@ -271,19 +291,47 @@ class TailoredModule(L.LightningModule):
         self._evaluation_step(batch, dataloader_idx)
 
     def _log_evaluation(self, stage: str) -> None:
-        names = [task.name for task in self.trainer.datamodule.tasks] if self.trainer.datamodule else []
-        for index, metric in enumerate(self.val_loss):
-            name = names[index] if index < len(names) else str(index)
-            loss = metric.compute()
-            self.log(f"{stage}/{name}/loss", loss, prog_bar=stage == "val" and index == 0)
-            self.log(f"{stage}/{name}/perplexity", torch.exp(loss))
-            metric.reset()
+        """Log every task's metrics as ``<stage>/<task>/<metric>`` and keep them in :attr:`results`."""
+        self.results = {}
+        for task, metrics in zip(self.tasks, self.task_metrics, strict=True):
+            self.results[task.name] = metrics.compute()
+            metrics.reset()
+            for name, value in self.results[task.name].items():
+                self.log(f"{stage}/{task.name}/{name}", value, prog_bar=stage == "val" and name == "loss")
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
+        data = self.trainer.datamodule
+        if data.dynamic and not self.trainer.sanity_checking:
+            data.update_weights([self.results[task.name]["loss"] for task in self.tasks])
+            for task, weight in zip(self.tasks, data.weights, strict=True):
+                self.log(f"data/weight/{task.name}", weight)
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
+        if not self.trainer.is_global_zero:
+            return
+        print(format_results(self.results))
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "test_results.json").write_text(json.dumps(self.results, indent=2) + "\n")
+
+    @torch.no_grad()
+    def dense_losses(self) -> list[float]:
+        """Held-out loss of every task under the dense model (gates off): dynamic batch loading's reference."""
+        losses = []
+        for loader in self.trainer.datamodule.val_dataloader():
+            total, tokens = 0.0, 0
+            for batch in loader:
+                batch = {
+                    k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")
+                }
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                total += float(self.model(**batch).loss) * count
+                tokens += count
+            losses.append(total / tokens)
+        return losses
 
     # ---- optimisation ----------------------------------------------------------------------------------------
 
@@ -362,3 +410,13 @@ class TailoredModule(L.LightningModule):
         report["trained_steps"] = self.global_step
         save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
         return report
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    """Per-task results as aligned text, one line per task."""
+    width = max(len(name) for name in results)
+    lines = [
+        f"{name.ljust(width)}  " + "  ".join(f"{metric} {value:.4g}" for metric, value in metrics.items())
+        for name, metrics in results.items()
+    ]
+    return "\n".join(["test results", *lines])

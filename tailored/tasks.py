@@ -28,6 +28,7 @@ Templates use ``{field}`` of the data; a list field (PubMedQA's CONTEXTS) is joi
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100
@@ -65,6 +66,12 @@ class Task:
     """Wrap the prompt in the tokenizer's chat template (when it has one)."""
     max_rows: int | None = None
     """Use at most this many training rows."""
+    shots: int = 0
+    """Evaluation: solved examples from the training split placed before each prompt (k-shot), chosen by seed."""
+    max_new_tokens: int = 64
+    """generation: most tokens generated per answer (greedy)."""
+    stop: str = "\n"
+    """generation: the answer ends at the first occurrence of this text."""
 
     def __post_init__(self) -> None:
         def problem(message: str) -> ValueError:
@@ -84,6 +91,8 @@ class Task:
             raise problem(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.weight <= 0:
             raise problem(f"weight must be positive, got {self.weight}")
+        if self.shots < 0 or (self.shots and self.kind == "language_modeling"):
+            raise problem("shots must be >= 0, and language_modeling tasks take none")
 
     def fields(self) -> set[str]:
         """Data fields the templates read."""
@@ -113,8 +122,26 @@ class Task:
     def target(self, row: dict) -> str:
         """The answer a row should produce (the correct option for multiple choice)."""
         if self.kind == "multiple_choice":
-            return self.render(self.choices[int(row[self.label])], row)
+            return self.options(row)[self.label_index(row)]
         return self.render(self.answer, row)
+
+    def options(self, row: dict) -> list[str]:
+        """classification: the fixed choices; multiple_choice: the row's rendered options."""
+        if self.kind == "classification":
+            return list(self.choices)
+        return [self.render(choice, row) for choice in self.choices]
+
+    def label_index(self, row: dict) -> int:
+        """Index of the correct option of a classification or multiple-choice row."""
+        if self.kind == "classification":
+            answer = self.render(self.answer, row)
+            if answer not in self.choices:
+                raise ValueError(f"task {self.name!r}: answer {answer!r} is not one of the choices {self.choices}")
+            return self.choices.index(answer)
+        index = int(row[self.label])
+        if not 0 <= index < len(self.choices):
+            raise ValueError(f"task {self.name!r}: label {index} is outside the {len(self.choices)} choices")
+        return index
 
 
 def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_only: bool) -> dict[str, list[int]]:
@@ -130,10 +157,28 @@ def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_o
     return {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
 
 
-def encode_prompt(task: Task, row: dict, tokenizer, max_length: int) -> list[int]:
-    """Token ids of a row's prompt, cut to ``max_length`` by :func:`cut_middle`."""
-    prompt = format_prompt(task, row, tokenizer)
+def encode_prompt(task: Task, row: dict, tokenizer, max_length: int, shots: Sequence[dict] = ()) -> list[int]:
+    """Token ids of a row's prompt (after its k-shot examples), cut to ``max_length`` by :func:`cut_middle`."""
+    prompt = format_prompt(task, row, tokenizer, shots)
     return cut_middle(tokenizer(prompt, add_special_tokens=not task.chat)["input_ids"], max_length)
+
+
+def encode_eval_item(
+    task: Task, row: dict, tokenizer, max_length: int, response_only: bool, shots: Sequence[dict] = ()
+) -> dict:
+    """One held-out row: a teacher-forced example for the loss, plus what the task's metric needs.
+
+    classification / multiple_choice: ``prompt_ids``, ``option_ids`` (one list per option), ``label``;
+    generation: ``prompt_ids``, ``reference`` (the answer text).
+    """
+    item = encode_example(task, row, tokenizer, max_length, response_only)
+    item["prompt_ids"] = encode_prompt(task, row, tokenizer, max_length, shots)
+    if task.kind == "generation":
+        item["reference"] = task.target(row).strip()
+    else:
+        item["option_ids"] = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in task.options(row)]
+        item["label"] = task.label_index(row)
+    return item
 
 
 def cut_middle(ids: list[int], max_length: int) -> list[int]:
@@ -145,13 +190,21 @@ def cut_middle(ids: list[int], max_length: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (max_length - head) :]
 
 
-def format_prompt(task: Task, row: dict, tokenizer) -> str:
-    """The prompt text of a row, in the tokenizer's chat template when the task asks for it and one exists."""
+def format_prompt(task: Task, row: dict, tokenizer, shots: Sequence[dict] = ()) -> str:
+    """The prompt text of a row after its solved ``shots``, in the tokenizer's chat template when the task asks
+    for it and one exists (then each shot is a user/assistant turn)."""
     prompt = task.render(task.prompt, row)
     if task.chat and tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
+        messages = []
+        for shot in shots:
+            messages += [
+                {"role": "user", "content": task.render(task.prompt, shot)},
+                {"role": "assistant", "content": task.target(shot).strip()},
+            ]
+        messages.append({"role": "user", "content": prompt})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt
+    solved = [task.render(task.prompt, shot) + task.target(shot) for shot in shots]
+    return "\n\n".join([*solved, prompt])
 
 
 def pack_text(task: Task, rows, tokenizer, block_size: int) -> list[dict[str, list[int]]]:

@@ -1,0 +1,138 @@
+"""Task metrics (torchmetrics) and the recovery table.
+
+| kind | metric | how |
+|---|---|---|
+| classification, multiple_choice | accuracy | the option with the highest summed log-likelihood after the prompt |
+| generation | ROUGE-1/2/L (F1) | greedy decoding up to ``max_new_tokens``, cut at ``stop`` |
+| language_modeling | perplexity | exp of the token-weighted mean held-out loss |
+
+Every task also reports its teacher-forced held-out ``loss`` (the signal of dynamic batch loading).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import ROUGEScore
+
+from tailored.tasks import Task
+
+PRIMARY_METRIC = {
+    "classification": "accuracy",
+    "multiple_choice": "accuracy",
+    "generation": "rougeL",
+    "language_modeling": "perplexity",
+}
+"""The metric of a task kind that the recovery table compares (perplexity: lower is better)."""
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+class TaskMetrics(nn.Module):
+    """The metric states of one task (synchronised across processes by torchmetrics)."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.kind = task.kind
+        self.loss = MeanMetric()
+        if task.kind in ("classification", "multiple_choice"):
+            self.accuracy = MulticlassAccuracy(num_classes=len(task.choices), average="micro")
+        if task.kind == "generation":
+            self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
+
+    def compute(self) -> dict[str, float]:
+        loss = float(self.loss.compute())
+        results = {"loss": loss}
+        if self.kind == "language_modeling":
+            results["perplexity"] = math.exp(loss)
+        if hasattr(self, "accuracy"):
+            results["accuracy"] = float(self.accuracy.compute())
+        if hasattr(self, "rouge"):
+            scores = self.rouge.compute()
+            results |= {key: float(scores[f"{key}_fmeasure"]) for key in ROUGE_KEYS}
+        return results
+
+    def reset(self) -> None:
+        for metric in self.children():
+            metric.reset()
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each sequence's first real token (left padding), ``[B, T]``."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def option_log_likelihoods(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Summed log-probability of every option given its prompt, ``[B, n_options]``.
+
+    Sequences are left-padded prompt + option, so the options end at the last position and only the logits of the
+    last ``max option length + 1`` positions are computed (``logits_to_keep``): ``[B * n, K, V]``, not ``[.., T, V]``.
+    """
+    ids, mask, lengths = batch["option_input_ids"], batch["option_attention_mask"], batch["option_lengths"]
+    keep = int(lengths.max()) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, K-1, V]: predicts the last K-1 tokens
+    targets = ids[:, -(keep - 1) :]
+    token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, K-1]
+    in_option = torch.arange(keep - 1, device=ids.device) >= (keep - 1 - lengths).unsqueeze(-1)
+    return (token_log_probs * in_option).sum(-1).view(len(batch["label"]), -1)
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, batch: dict, tokenizer, max_new_tokens: int, stop: str) -> list[str]:
+    """Greedy continuations of the left-padded prompts, each cut at the first ``stop``."""
+    prompts = batch["prompt_input_ids"]
+    output = model.generate(
+        input_ids=prompts,
+        attention_mask=batch["prompt_attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(output[:, prompts.shape[1] :], skip_special_tokens=True)
+    return [text.lstrip().split(stop)[0].strip() if stop else text.strip() for text in texts]
+
+
+def recovery_table(results: dict[str, dict[str, dict[str, float]]], kinds: dict[str, str], dense: str) -> dict:
+    """Per task, each model's primary metric and its share of the dense model's ("% of dense").
+
+    Args:
+        results: model name -> task name -> metrics (as :meth:`TaskMetrics.compute` returns).
+        kinds: task name -> task kind.
+        dense: the model name that the others are compared to.
+    Returns:
+        ``{"tasks": {task: {"metric", model: value, f"{model} % of dense": share}}, "average": {model: share}}``;
+        perplexity's share is dense / model (lower is better), the others' model / dense.
+    """
+    table, shares = {}, {name: [] for name in results if name != dense}
+    for task, kind in kinds.items():
+        metric = PRIMARY_METRIC[kind]
+        row = {"metric": metric} | {name: results[name][task][metric] for name in results}
+        for name in shares:
+            value, reference = results[name][task][metric], results[dense][task][metric]
+            share = reference / value if metric == "perplexity" else value / reference if reference else float("nan")
+            row[f"{name} % of dense"] = 100 * share
+            shares[name].append(100 * share)
+        table[task] = row
+    return {"tasks": table, "average": {name: sum(values) / len(values) for name, values in shares.items()}}
+
+
+def format_recovery(report: dict) -> str:
+    """The recovery table as aligned text."""
+    tasks = report["tasks"]
+    models = [key for key in next(iter(tasks.values())) if key != "metric" and not key.endswith("% of dense")]
+    compared = [name for name in models if f"{name} % of dense" in next(iter(tasks.values()))]
+    header = ["task", "metric", *models, *(f"{name} %" for name in compared)]
+    rows = [
+        [task, row["metric"], *(f"{row[m]:.4g}" for m in models), *(f"{row[f'{m} % of dense']:.1f}" for m in compared)]
+        for task, row in tasks.items()
+    ]
+    rows.append(["average", "", *("" for _ in models), *(f"{report['average'][m]:.1f}" for m in compared)])
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]
+    )
