@@ -129,13 +129,12 @@ USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 """Bad input (config, paths, data, checkpoints): reported as one message, not a traceback."""
 
 
-def run(args: list[str]) -> None:
-    """Parse ``args`` and run the subcommand (raises on bad input)."""
+def run(args: list[str]):
+    """Parse ``args`` and run the subcommand (raises on bad input); returns what ``export``/``recovery`` return."""
     commands = {"export": export, "recovery": recovery}
     if args[:1] and args[0] in commands:
         options = ["--run_config" if arg == "-c" else arg for arg in args[1:]]  # -c as in fit/test
-        CLI(commands[args[0]], args=options, as_positional=False)
-        return
+        return CLI(commands[args[0]], args=options, as_positional=False)
     TailoredCLI(
         TailoredModule,
         DomainData,

@@ -106,7 +106,8 @@ def recovery_table(results: dict[str, dict[str, dict[str, float]]], kinds: dict[
         dense: the model name that the others are compared to.
     Returns:
         ``{"tasks": {task: {"metric", model: value, f"{model} % of dense": share}}, "average": {model: share}}``;
-        perplexity's share is dense / model (lower is better), the others' model / dense.
+        perplexity's share is dense / model (lower is better), the others' model / dense. A share is undefined
+        (NaN) where the dense model scores 0; the average leaves such tasks out.
     """
     table, shares = {}, {name: [] for name in results if name != dense}
     for task, kind in kinds.items():
@@ -118,7 +119,9 @@ def recovery_table(results: dict[str, dict[str, dict[str, float]]], kinds: dict[
             row[f"{name} % of dense"] = 100 * share
             shares[name].append(100 * share)
         table[task] = row
-    return {"tasks": table, "average": {name: sum(values) / len(values) for name, values in shares.items()}}
+    defined = {name: [value for value in values if not math.isnan(value)] for name, values in shares.items()}
+    average = {name: sum(values) / len(values) if values else float("nan") for name, values in defined.items()}
+    return {"tasks": table, "average": average}
 
 
 def format_recovery(report: dict) -> str:

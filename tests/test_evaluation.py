@@ -1,0 +1,254 @@
+"""Task data and metrics: each metric against a hand computation, k-shot prompts, response-only loss, dynamic
+weights, bad task definitions, and ``tailored test`` / ``tailored recovery`` end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tailored.cli import run
+from tailored.data import DomainData, dynamic_weights
+from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods, recovery_table
+from tailored.tasks import IGNORE_INDEX, Task, encode_example, format_prompt
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, str]:
+    """Tiny classification, multiple-choice and generation data in the tiny tokenizer's words."""
+    folder = tmp_path_factory.mktemp("tasks")
+    words = [f"w{i}" for i in range(3, 64)]
+    classify = [{"q": f"{words[i % 40]} {words[(3 * i) % 40]}", "a": ["w60", "w61", "w62"][i % 3]} for i in range(30)]
+    choose = [
+        {"ctx": f"{words[i % 30]} w5", "o0": "w40 w41", "o1": "w42", "o2": f"w43 {words[i % 20]} w44", "label": i % 3}
+        for i in range(30)
+    ]
+    summarise = [{"doc": f"{words[i % 30]} {words[(i + 7) % 30]} w9", "sum": f"w{10 + i % 5} w50"} for i in range(30)]
+    return {
+        "classify": write_rows(folder / "classify.jsonl", classify),
+        "choose": write_rows(folder / "choose.jsonl", choose),
+        "summarise": write_rows(folder / "summarise.jsonl", summarise),
+    }
+
+
+def tasks(files: dict[str, str], shots: int = 0) -> list[Task]:
+    return [
+        Task("classify", files["classify"], "classification", prompt="{q} w10", answer=" {a}",
+             choices=[" w60", " w61", " w62"], shots=shots),
+        Task("choose", files["choose"], "multiple_choice", prompt="{ctx} w11", choices=[" {o0}", " {o1}", " {o2}"],
+             label="label"),
+        Task("summarise", files["summarise"], "generation", prompt="{doc} w12", answer=" {sum}", max_new_tokens=4,
+             stop=""),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return model, tokenizer
+
+
+def data_module(files, tiny_model_dir, **kwargs) -> DomainData:
+    data = DomainData(tasks(files, kwargs.pop("shots", 0)), tokenizer=str(tiny_model_dir), seq_len=32, **kwargs)
+    data.setup("test")
+    return data
+
+
+def sequence_log_likelihood(model, prompt: list[int], continuation: list[int]) -> float:
+    """Sum of log p(continuation | prompt), one unpadded sequence at a time: the hand computation."""
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    return sum(float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(continuation))
+
+
+@pytest.mark.parametrize("task_index", [0, 1], ids=["classification", "multiple_choice"])
+def test_option_scores_and_accuracy_match_a_hand_computation(task_files, tiny_model_dir, tiny, task_index):
+    model, _ = tiny
+    data = data_module(task_files, tiny_model_dir)
+    items = data.eval_items[task_index]
+    metrics = TaskMetrics(data.tasks[task_index])
+    correct = 0
+    for start in range(0, len(items), 2):
+        chunk = items[start : start + 2]
+        scores = option_log_likelihoods(model, data.collate_eval(chunk))
+        for row, item in enumerate(chunk):
+            by_hand = [sequence_log_likelihood(model, item["prompt_ids"], option) for option in item["option_ids"]]
+            torch.testing.assert_close(scores[row], torch.tensor(by_hand), atol=1e-4, rtol=1e-5)
+            correct += int(max(range(len(by_hand)), key=by_hand.__getitem__) == item["label"])
+        metrics.accuracy.update(scores.argmax(-1), torch.tensor([item["label"] for item in chunk]))
+    assert metrics.accuracy.compute().item() == pytest.approx(correct / len(items))
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_generation(task_files, tiny_model_dir, tiny):
+    model, tokenizer = tiny
+    data = data_module(task_files, tiny_model_dir)
+    items = data.eval_items[2][:4]  # prompts of different lengths: left padding must not change the answers
+    answers = greedy_answers(model, data.collate_eval(items), tokenizer, max_new_tokens=4, stop="")
+    for item, answer in zip(items, answers, strict=True):
+        ids = torch.tensor([item["prompt_ids"]])
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        assert answer == tokenizer.decode(alone[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_rouge_of_known_strings():
+    metrics = TaskMetrics(Task("s", "x.jsonl", "generation", prompt="{a}", answer="{b}"))
+    metrics.loss.update(torch.tensor(1.0))
+    metrics.rouge.update(["the cat sat"], ["the cat ran"])
+    results = metrics.compute()
+    # unigrams 2 of 3 shared; bigrams 1 of 2 ("the cat"); longest common subsequence "the cat" = 2 of 3
+    assert results["rouge1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert results["rouge2"] == pytest.approx(1 / 2, abs=1e-4)
+    assert results["rougeL"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_perplexity_is_exp_of_the_token_mean_loss(tiny_model_dir, tiny_text, tiny):
+    model, _ = tiny
+    data = DomainData([Task("words", str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=16, batch_size=3)
+    data.setup("test")
+    metrics = TaskMetrics(data.tasks[0])
+    total, tokens = 0.0, 0
+    for batch in data.val_dataloader()[0]:
+        with torch.no_grad():
+            loss = model(**batch).loss
+            logits = model(batch["input_ids"]).logits[:, :-1]
+        metrics.loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="sum"
+        )
+        total, tokens = total + float(nll), tokens + batch["input_ids"][:, 1:].numel()
+    assert metrics.compute()["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+
+
+def test_response_only_loss_ignores_prompt_tokens(task_files, tiny):
+    model, tokenizer = tiny
+    task = tasks(task_files)[2]
+    row = {"doc": "w20 w21 w22 w9", "sum": "w30 w31"}
+    example = encode_example(task, row, tokenizer, max_length=32, response_only=True)
+    prompt_length = len(tokenizer(format_prompt(task, row, tokenizer))["input_ids"])
+    assert example["labels"][:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]  # answer + eos
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=labels).loss
+        log_probs = torch.log_softmax(model(ids).logits[0], dim=-1)
+    answer_positions = range(prompt_length, len(example["input_ids"]))
+    by_hand = -sum(float(log_probs[i - 1, example["input_ids"][i]]) for i in answer_positions) / len(answer_positions)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
+    full = encode_example(task, row, tokenizer, max_length=32, response_only=False)
+    assert full["labels"] == full["input_ids"]
+
+
+def test_k_shot_prompts_are_solved_training_rows_chosen_by_seed(task_files, tiny_model_dir, tiny):
+    _, tokenizer = tiny
+    first, second = (data_module(task_files, tiny_model_dir, shots=2) for _ in range(2))
+    other_seed = data_module(task_files, tiny_model_dir, shots=2, seed=1)
+    assert [item["prompt_ids"] for item in first.eval_items[0]] == [item["prompt_ids"] for item in second.eval_items[0]]
+    assert [item["prompt_ids"] for item in first.eval_items[0]] != [i["prompt_ids"] for i in other_seed.eval_items[0]]
+    task = first.tasks[0]
+    train_rows, held_out = first._split(task)
+    shots = first.shots_for(0, 0, train_rows)
+    assert len(shots) == 2 and all(shot in list(train_rows) for shot in shots)
+    expected = f"{shots[0]['q']} w10 {shots[0]['a']}\n\n{shots[1]['q']} w10 {shots[1]['a']}\n\n{held_out[0]['q']} w10"
+    assert format_prompt(task, held_out[0], tokenizer, shots) == expected
+    assert first.eval_items[0][0]["prompt_ids"] == tokenizer(expected)["input_ids"]
+    assert first.shots_for(0, 0, train_rows) != first.shots_for(0, 1, train_rows)
+
+
+def test_chat_template_wraps_prompt_and_shots(task_files, tiny):
+    _, tokenizer = tiny
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    task = Task("c", "x.jsonl", "generation", prompt="{doc}", answer=" {sum}", chat=True)
+    prompt = format_prompt(task, {"doc": "w5", "sum": "w6"}, tokenizer, shots=[{"doc": "w7", "sum": "w8"}])
+    assert prompt == "<user>w7<assistant>w8<user>w5<assistant>"
+
+
+def test_dynamic_weights_move_toward_the_task_furthest_above_its_reference():
+    weights = dynamic_weights([0.5, 0.3, 0.2], losses=[2.0, 3.5, 1.0], references=[2.0, 2.5, 1.5])
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[1] > 0.3 and weights[0] < 0.5 and weights[2] < 0.2  # only task 1 is above its reference
+    assert weights[0] / weights[2] == pytest.approx(0.5 / 0.2, rel=1e-3)  # no excess: relative weights kept
+    assert min(dynamic_weights([1.0, 1e-30], [0.0, 0.0], [0.0, 0.0])) >= 1e-4 / 2  # smoothing floor c / K
+
+
+@pytest.mark.parametrize(
+    ("definition", "message"),
+    [
+        (dict(kind="ranking"), "task 'bad': unknown kind 'ranking'"),
+        (dict(kind="generation", prompt="{q}"), "task 'bad': a generation task needs an answer template"),
+        (dict(kind="multiple_choice", prompt="{q}", choices=[" a", " b"]), "a multiple_choice task needs the label"),
+        (dict(kind="classification", prompt="{q}", answer="{a}", choices=["x"]), "needs two or more choices"),
+    ],
+)  # fmt: skip
+def test_bad_task_definitions_are_named(definition, message):
+    with pytest.raises(ValueError, match=message):
+        Task("bad", "x.jsonl", **definition)
+
+
+def test_task_fields_missing_from_the_data_are_named(task_files, tiny_model_dir):
+    task = Task("classify", task_files["classify"], "classification", prompt="{question}", answer=" {a}",
+                choices=[" w60", " w61"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"task 'classify': .*classify.jsonl has no field question"):
+        DomainData([task], tokenizer=str(tiny_model_dir))
+
+
+def test_an_empty_split_is_named(tmp_path, tiny_model_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("w3 w4\nw5 w6\n")
+    data = DomainData([Task("short", str(short))], tokenizer=str(tiny_model_dir), seq_len=64)
+    with pytest.raises(ValueError, match="task 'short': its training split is empty after tokenisation"):
+        data.setup("fit")
+
+
+def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files, tiny_model_dir, tiny_text):
+    config = {
+        "model": {"model": str(tiny_model_dir), "pruning": None},
+        "data": {
+            "tasks": [
+                {"name": "classify", "source": task_files["classify"], "kind": "classification", "prompt": "{q} w10",
+                 "answer": " {a}", "choices": [" w60", " w61", " w62"]},
+                {"name": "summarise", "source": task_files["summarise"], "kind": "generation", "prompt": "{doc} w12",
+                 "answer": " {sum}", "max_new_tokens": 4},
+                {"name": "words", "source": str(tiny_text)},
+            ],
+            "seq_len": 32,
+        },
+        "trainer": {"accelerator": "cpu", "default_root_dir": str(tmp_path / "run"), "enable_progress_bar": False},
+    }  # fmt: skip
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run(["test", "-c", str(path)])
+    results = json.loads(next((tmp_path / "run").rglob("test_results.json")).read_text())
+    assert set(results["classify"]) == {"loss", "accuracy"}
+    assert set(results["summarise"]) == {"loss", "rouge1", "rouge2", "rougeL"}
+    assert set(results["words"]) == {"loss", "perplexity"}
+
+    report = run(["recovery", "-c", str(path), "--pruned", str(tiny_model_dir), "--out", str(tmp_path / "r.json")])
+    rows = report["tasks"]  # the same model evaluated twice: equal metrics
+    assert rows["classify"]["pruned"] == rows["classify"]["dense"] and rows["words"]["metric"] == "perplexity"
+    assert rows["words"]["pruned % of dense"] == pytest.approx(100.0)
+    assert json.loads((tmp_path / "r.json").read_text())["average"]["pruned"] == pytest.approx(100.0)
+
+
+def test_recovery_table_inverts_perplexity():
+    results = {
+        "dense": {"qa": {"accuracy": 0.8}, "text": {"perplexity": 10.0}},
+        "pruned": {"qa": {"accuracy": 0.6}, "text": {"perplexity": 20.0}},
+    }
+    table = recovery_table(results, {"qa": "classification", "text": "language_modeling"}, dense="dense")
+    assert table["tasks"]["qa"]["pruned % of dense"] == pytest.approx(75.0)
+    assert table["tasks"]["text"]["pruned % of dense"] == pytest.approx(50.0)
+    assert table["average"]["pruned"] == pytest.approx(62.5)
