@@ -252,3 +252,35 @@ def test_recovery_table_inverts_perplexity():
     assert table["tasks"]["qa"]["pruned % of dense"] == pytest.approx(75.0)
     assert table["tasks"]["text"]["pruned % of dense"] == pytest.approx(50.0)
     assert table["average"]["pruned"] == pytest.approx(62.5)
+
+
+def test_dynamic_batch_loading_reweights_tasks_during_fit(tmp_path, tiny_model_dir, tiny_text):
+    """Weights follow the update rule applied to the logged validation losses, from the dense reference losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text("\n".join(["w3 w4 w5 w6 w7 w8"] * 100))
+    config = {
+        "model": {"model": str(tiny_model_dir), "pruning": {"target": 0.5, "round_to": 1}},
+        "data": {
+            "tasks": [{"name": "words", "source": str(tiny_text)}, {"name": "repeated", "source": str(repeated)}],
+            "seq_len": 16,
+            "dynamic": True,
+        },
+        "trainer": {"accelerator": "cpu", "max_steps": 30, "val_check_interval": 10, "log_every_n_steps": 5,
+                    "default_root_dir": str(tmp_path / "run"), "enable_progress_bar": False},
+        "export": {"enabled": False},
+    }  # fmt: skip
+    path = tmp_path / "dynamic.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run(["fit", "-c", str(path)])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["DomainData"]
+    events = EventAccumulator(str(next((tmp_path / "run").rglob("events.out.*")).parent), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = [[event.value for event in events.Scalars(f"val/{name}/loss")] for name in ("words", "repeated")]
+    assert len(losses[0]) == 3  # validations at steps 10, 20, 30
+    weights = [1.0, 1.0]
+    for step_losses in zip(*losses, strict=True):
+        weights = dynamic_weights(weights, step_losses, state["reference_losses"])
+    assert state["weights"] == pytest.approx(weights, rel=1e-4)
+    assert abs(weights[0] - weights[1]) > 1e-3  # pruning raised the losses above the dense reference unevenly
