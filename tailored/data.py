@@ -82,6 +82,8 @@ class DomainData(L.LightningDataModule):
         batch_size: examples per batch and process.
         response_only: instruction tasks compute the loss on the answer tokens only.
         eval_rows: at most this many held-out rows per instruction task.
+        eval_blocks: at most this many held-out blocks of ``seq_len`` tokens per language-modelling task, evenly
+            spread over its held-out text (long documents would otherwise make validation the longest part).
         seed: seed of the training stream, of the held-out split and of the k-shot examples.
         data_dir: folder that relative local task sources are read from (default: the working directory).
         dynamic: reweight tasks after every validation by their held-out loss's excess over the reference loss.
@@ -98,6 +100,7 @@ class DomainData(L.LightningDataModule):
         batch_size: int = 4,
         response_only: bool = True,
         eval_rows: int = 64,
+        eval_blocks: int = 256,
         seed: int = 0,
         data_dir: str | None = None,
         dynamic: bool = False,
@@ -117,7 +120,7 @@ class DomainData(L.LightningDataModule):
             )
         self.tasks, self.tokenizer_name = tasks, tokenizer
         self.seq_len, self.eval_seq_len, self.batch_size = seq_len, eval_seq_len, batch_size
-        self.response_only, self.eval_rows, self.seed = response_only, eval_rows, seed
+        self.response_only, self.eval_rows, self.eval_blocks, self.seed = response_only, eval_rows, eval_blocks, seed
         self.dynamic = dynamic
         self.reference_losses = [reference_losses[name] for name in names] if reference_losses else None
         for task in tasks:  # fail on a missing file or column now, before any model weight is loaded
@@ -174,7 +177,10 @@ class DomainData(L.LightningDataModule):
 
     def _encode_eval(self, task_index: int, task: Task, train_rows, eval_rows) -> list[dict]:
         if task.kind == "language_modeling":
-            return self._encode(task, eval_rows)
+            blocks = self._encode(task, eval_rows)
+            if len(blocks) <= self.eval_blocks:
+                return blocks
+            return [blocks[i * len(blocks) // self.eval_blocks] for i in range(self.eval_blocks)]
         return [
             encode_eval_item(
                 task,

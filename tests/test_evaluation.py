@@ -205,6 +205,21 @@ def test_task_fields_missing_from_the_data_are_named(task_files, tiny_model_dir)
         DomainData([task], tokenizer=str(tiny_model_dir))
 
 
+def test_held_out_text_blocks_are_capped_and_evenly_spread(tiny_model_dir, tiny_text):
+    def held_out(**kwargs) -> list[list[int]]:
+        data = DomainData([Task("words", str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=8, **kwargs)
+        data.setup("test")
+        return [item["input_ids"] for item in data.eval_items[0]]
+
+    every_block = held_out()
+    assert len(every_block) > 5
+    assert held_out(eval_blocks=len(every_block)) == every_block
+    spread = held_out(eval_blocks=3)
+    step = len(every_block) / 3
+    assert spread == [every_block[int(i * step)] for i in range(3)]
+    assert spread[-1] in every_block[len(every_block) // 2 :]  # the cap takes blocks from the whole text
+
+
 def test_an_empty_split_is_named(tmp_path, tiny_model_dir):
     short = tmp_path / "short.txt"
     short.write_text("w3 w4\nw5 w6\n")
