@@ -21,6 +21,9 @@ from tailored import sources
 from tailored.models import check_model_name, resolve_model
 from tailored.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text
 
+HELD_OUT_SEED = 0
+"""Seed of the held-out row sample: fixed, so runs with different seeds are compared on the same rows."""
+
 
 class MixtureStream(IterableDataset):
     """Endless examples from several tasks; example ``i`` depends only on ``(seed, i)`` and the current weights.
@@ -81,7 +84,8 @@ class DomainData(L.LightningDataModule):
         eval_seq_len: most prompt tokens at evaluation (k-shot prompts are longer than training ones).
         batch_size: examples per batch and process.
         response_only: instruction tasks compute the loss on the answer tokens only.
-        eval_rows: at most this many held-out rows per instruction task.
+        eval_rows: at most this many held-out rows per instruction task, sampled at random (files are often
+            sorted, e.g. by label) with :data:`HELD_OUT_SEED`.
         eval_blocks: at most this many held-out blocks of ``seq_len`` tokens per language-modelling task, evenly
             spread over its held-out text (long documents would otherwise make validation the longest part).
         seed: seed of the training stream, of the held-out split and of the k-shot examples.
@@ -153,19 +157,28 @@ class DomainData(L.LightningDataModule):
                     )
 
     def _split(self, task: Task):
-        """Training and held-out rows of a task (held-out: ``eval_source`` or the last ``eval_fraction``)."""
+        """Training and held-out rows of a task.
+
+        Held out: ``eval_source``, or else ``eval_fraction`` of the rows: the last ones for language modelling (text
+        stays contiguous), a random sample for instruction tasks (whose files are often sorted).
+        """
         rows = sources.load_rows(task.source)
         task.check_columns(rows.column_names, task.source)
+        language_modeling = task.kind == "language_modeling"
         if task.eval_source:
             held_out = sources.load_rows(task.eval_source)
             task.check_columns(held_out.column_names, task.eval_source)
-        else:
+        elif language_modeling:
             cut = len(rows) - max(1, round(task.eval_fraction * len(rows)))
             rows, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
+        else:
+            size = max(1, round(task.eval_fraction * len(rows)))
+            split = rows.train_test_split(test_size=size, seed=HELD_OUT_SEED) if size < len(rows) else None
+            rows, held_out = (split["train"], split["test"]) if split else (rows.select([]), rows)
         if task.max_rows is not None:
             rows = rows.select(range(min(task.max_rows, len(rows))))
-        if task.kind != "language_modeling":  # language modelling packs text: more rows give more blocks
-            held_out = held_out.select(range(min(self.eval_rows, len(held_out))))
+        if not language_modeling and len(held_out) > self.eval_rows:  # text is capped in blocks (eval_blocks)
+            held_out = held_out.shuffle(seed=HELD_OUT_SEED).select(range(self.eval_rows))
         if task.shots > len(rows):
             raise ValueError(f"task {task.name!r}: {task.shots} shots but only {len(rows)} training rows")
         return rows, held_out

@@ -57,7 +57,7 @@ class Task:
     label: str = ""
     """multiple_choice: field holding the index of the correct option."""
     eval_source: str | None = None
-    """Held-out rows; by default the last ``eval_fraction`` of the source's rows."""
+    """Held-out rows; by default ``eval_fraction`` of the source's rows (see :meth:`DomainData._split`)."""
     eval_fraction: float = 0.1
     """Fraction of the source held out for validation when there is no ``eval_source``."""
     weight: float = 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,23 @@ def test_task_fields_missing_from_the_data_are_named(task_files, tiny_model_dir)
                 choices=[" w60", " w61"])  # fmt: skip
     with pytest.raises(ValueError, match=r"task 'classify': .*classify.jsonl has no field question"):
         DomainData([task], tokenizer=str(tiny_model_dir))
+
+
+def test_held_out_rows_are_a_fixed_random_sample_of_a_sorted_file(tmp_path, tiny_model_dir):
+    rows = [{"q": f"w{3 + i % 40}", "a": answer} for answer in ("w60", "w61", "w62") for i in range(20)]  # by label
+    source = write_rows(tmp_path / "sorted.jsonl", rows)
+    task = Task("sorted", source, "classification", prompt="{q}", answer=" {a}", choices=[" w60", " w61", " w62"])
+
+    def held_out(source_field: str, **kwargs) -> list[dict]:
+        data = DomainData([replace(task, **{source_field: source})], tokenizer=str(tiny_model_dir), **kwargs)
+        return list(data._split(data.tasks[0])[1])
+
+    assert {row["a"] for row in held_out("source")} == {"w60", "w61", "w62"}  # 10% of 60 rows, not the last 6
+    assert held_out("source") == held_out("source", seed=1)  # every run seed is compared on the same rows
+    capped = held_out("eval_source", eval_rows=12)
+    assert len(capped) == 12 and {row["a"] for row in capped} == {"w60", "w61", "w62"}  # not the first 12
+    train_rows, held = DomainData([task], tokenizer=str(tiny_model_dir))._split(task)
+    assert len(train_rows) + len(held) == len(rows) and not set(map(str, held)) & set(map(str, train_rows))
 
 
 def test_held_out_text_blocks_are_capped_and_evenly_spread(tiny_model_dir, tiny_text):
