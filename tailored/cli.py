@@ -129,12 +129,16 @@ USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 """Bad input (config, paths, data, checkpoints): reported as one message, not a traceback."""
 
 
-def run(args: list[str]):
-    """Parse ``args`` and run the subcommand (raises on bad input); returns what ``export``/``recovery`` return."""
+def run(args: list[str] | None = None):
+    """Parse ``args`` (default: the command line) and run the subcommand (raises on bad input).
+
+    Returns what ``export``/``recovery`` return.
+    """
     commands = {"export": export, "recovery": recovery}
-    if args[:1] and args[0] in commands:
-        options = ["--run_config" if arg == "-c" else arg for arg in args[1:]]  # -c as in fit/test
-        return CLI(commands[args[0]], args=options, as_positional=False)
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] and argv[0] in commands:
+        options = ["--run_config" if arg == "-c" else arg for arg in argv[1:]]  # -c as in fit/test
+        return CLI(commands[argv[0]], args=options, as_positional=False)
     TailoredCLI(
         TailoredModule,
         DomainData,
@@ -146,7 +150,7 @@ def run(args: list[str]):
 def main() -> None:
     """Entry point of the ``tailored`` console script. ``TAILORED_TRACEBACK=1`` shows tracebacks of input errors."""
     try:
-        run(sys.argv[1:])
+        run()
     except USER_ERRORS as error:
         if os.environ.get("TAILORED_TRACEBACK"):
             raise
