@@ -194,7 +194,7 @@ class DomainData(L.LightningDataModule):
             if len(blocks) <= self.eval_blocks:
                 return blocks
             return [blocks[i * len(blocks) // self.eval_blocks] for i in range(self.eval_blocks)]
-        return [
+        items = [
             encode_eval_item(
                 task,
                 row,
@@ -205,6 +205,7 @@ class DomainData(L.LightningDataModule):
             )
             for row_index, row in enumerate(eval_rows)
         ]
+        return sorted(items, key=lambda item: len(item["input_ids"]))  # batches of like lengths: little padding
 
     def shots_for(self, task_index: int, row_index: int, train_rows) -> list[dict]:
         """The k-shot examples of held-out row ``row_index``: training rows drawn by ``(seed, task, row)``."""

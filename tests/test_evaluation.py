@@ -223,6 +223,17 @@ def test_held_out_rows_are_a_fixed_random_sample_of_a_sorted_file(tmp_path, tiny
     assert len(train_rows) + len(held) == len(rows) and not set(map(str, held)) & set(map(str, train_rows))
 
 
+def test_held_out_rows_are_batched_by_length(tmp_path, tiny_model_dir):
+    rows = [{"q": " ".join(["w7"] * (1 + (5 * i) % 9)), "a": "w60"} for i in range(18)]  # lengths 1..9, shuffled
+    source = write_rows(tmp_path / "varied.jsonl", rows)
+    task = Task("varied", source, "classification", prompt="{q}", answer=" {a}", choices=[" w60", " w61"])
+    data = DomainData([replace(task, eval_source=source)], tokenizer=str(tiny_model_dir), batch_size=3)
+    data.setup("test")
+    lengths = [len(item["input_ids"]) for item in data.eval_items[0]]
+    assert len(lengths) == len(rows) and len(set(lengths)) == 9
+    assert lengths == sorted(lengths)  # each batch pads to about its own length, not to the longest row's
+
+
 def test_held_out_text_blocks_are_capped_and_evenly_spread(tiny_model_dir, tiny_text):
     def held_out(**kwargs) -> list[list[int]]:
         data = DomainData([Task("words", str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=8, **kwargs)
