@@ -1,13 +1,16 @@
-"""Callbacks: export the pruned model when training ends; show the gates in TensorBoard as they evolve."""
+"""Callbacks: export the pruned model when training ends; show the gates in TensorBoard as they evolve; print
+progress as plain lines when the output is a log file."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
 import matplotlib
 import torch
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tailored.module import TailoredModule
@@ -80,3 +83,65 @@ def kept_fraction_figure(module: TailoredModule):
     figure.colorbar(image, ax=axis, label="kept fraction")
     figure.tight_layout()
     return figure
+
+
+class LineProgress(ProgressBar):
+    """Progress as one printed line every ``every_n_steps`` steps (and every ``every_n_batches`` evaluation batches).
+
+    For output that is not a terminal (batch jobs, ``nohup``, CI), where a live progress bar shows nothing until the
+    run ends. A training line reads ``step 40/200 (20%) | 9.1 s/step, 24 min left | train/loss 4.30 | ...`` with the
+    metrics logged with ``prog_bar=True``.
+    """
+
+    def __init__(self, every_n_steps: int = 10, every_n_batches: int = 10) -> None:
+        super().__init__()
+        self.every_n_steps, self.every_n_batches = every_n_steps, every_n_batches
+        self.enabled = True
+        self._start: tuple[float, int] | None = None
+        self._last_printed_step = -1  # with gradient accumulation several batches end on one step
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start = (time.monotonic(), trainer.global_step)  # a resumed run starts past step 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if not self.enabled or step == self._last_printed_step or (step % self.every_n_steps and step != total):
+            return
+        self._last_printed_step = step
+        parts = [f"step {step}/{total} ({step / total:.0%})" if total > 0 else f"step {step}"]
+        start_time, start_step = self._start or (time.monotonic(), step)
+        if step > start_step:
+            seconds = (time.monotonic() - start_time) / (step - start_step)
+            left = f", {(total - step) * seconds / 60:.0f} min left" if total > 0 else ""
+            parts.append(f"{seconds:.1f} s/step{left}")
+        metrics = self.get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        parts += [f"{name} {format_value(value)}" for name, value in metrics.items()]
+        print(" | ".join(parts), flush=True)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._print_evaluation("validation", trainer.num_val_batches, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._print_evaluation("test", trainer.num_test_batches, batch_idx, dataloader_idx)
+
+    def _print_evaluation(self, stage: str, batches: list[int | float], batch_idx: int, dataloader_idx: int) -> None:
+        total = batches[dataloader_idx]
+        done = batch_idx + 1
+        if self.enabled and not self.trainer.sanity_checking and (done % self.every_n_batches == 0 or done == total):
+            print(f"{stage}: loader {dataloader_idx + 1}/{len(batches)}, batch {done}/{total}", flush=True)
+
+
+def format_value(value) -> str:
+    """A metric for a progress line: 4 significant digits for floats."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

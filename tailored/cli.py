@@ -22,12 +22,13 @@ import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 from jsonargparse import CLI
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tailored.callbacks import ExportPruned, GateMonitor
+from tailored.callbacks import ExportPruned, GateMonitor, LineProgress
 from tailored.data import DomainData
 from tailored.evaluate import format_recovery, recovery_table
 from tailored.module import TailoredModule
@@ -48,6 +49,16 @@ class TailoredCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(ExportPruned, "export")
         parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The trainer, printing :class:`LineProgress` lines when the output is not a terminal (a log file), where
+        Lightning's live progress bar would show nothing until the run ends."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        wants_progress = config.get("enable_progress_bar") is not False
+        if wants_progress and not sys.stdout.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, LineProgress()]
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then check ``--ckpt_path`` (LightningCLI reads the checkpoint right after parsing)."""

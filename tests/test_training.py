@@ -107,6 +107,17 @@ def test_export_subcommand_exports_from_a_checkpoint_and_keeps_existing_folders(
         run(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(out)])
 
 
+def test_progress_is_printed_as_lines_when_the_output_is_not_a_terminal(tmp_path, tiny_model_dir, tiny_text, capsys):
+    trainer = {"accelerator": "cpu", "max_steps": 20, "val_check_interval": 10, "default_root_dir": str(tmp_path)}
+    config = write_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_text, trainer=trainer, export={"enabled": False})
+    run(["fit", "-c", str(config)])
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 10/20 (50%)", "step 20/20 (100%)"]
+    assert "s/step" in steps[0] and "min left" in steps[0] and "train/lm_loss" in steps[0]
+    assert sum(line.startswith("validation: loader 1/1, batch") for line in lines) == 2  # after steps 10 and 20
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_text):
     """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers and data
     position continue from the checkpoint, and the run finishes and exports."""
