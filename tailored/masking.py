@@ -33,7 +33,8 @@ from tailored.structure import GateValues, ModelStructure, check_gate_shapes, de
 class GateHooks:
     """Forward hooks that apply :class:`GateValues` to a LLaMA-family model while :meth:`applied` is active.
 
-    Outside :meth:`applied` the hooks pass activations through unchanged (the dense model).
+    Outside :meth:`applied` (or :meth:`activate` ... :meth:`deactivate`) the hooks pass activations through
+    unchanged (the dense model).
 
     Example::
 
@@ -64,12 +65,21 @@ class GateHooks:
     @contextmanager
     def applied(self, gates: GateValues) -> Iterator[None]:
         """Apply ``gates`` to every forward pass inside the ``with`` block (gradients flow into them)."""
-        check_gate_shapes(self.structure, gates)
-        self._values = _ActiveGates(self.structure, gates)
+        self.activate(gates)
         try:
             yield
         finally:
-            self._values = None
+            self.deactivate()
+
+    def activate(self, gates: GateValues) -> None:
+        """Apply ``gates`` until :meth:`deactivate`. Training keeps them active through ``backward()``: gradient
+        checkpointing re-runs each layer's forward there, and it must re-run the masked one."""
+        check_gate_shapes(self.structure, gates)
+        self._values = _ActiveGates(self.structure, gates)
+
+    def deactivate(self) -> None:
+        """Back to the dense forward."""
+        self._values = None
 
     def remove(self) -> None:
         """Detach every hook from the model."""

@@ -226,9 +226,8 @@ class TailoredModule(L.LightningModule):
             loss = self.model(**batch).loss
             self.log("train/loss", loss, prog_bar=True)
             return loss
-        gates = self.current_gates()
-        with self.hooks.applied(gates):
-            lm_loss = self.model(**batch).loss
+        self.hooks.activate(self.current_gates())  # until on_after_backward: checkpointing re-runs the forward
+        lm_loss = self.model(**batch).loss
         loss = lm_loss
         phase = self.phase(self.global_step)
         if phase != "recovery":
@@ -261,6 +260,10 @@ class TailoredModule(L.LightningModule):
     def log_ratios(self, name: str, gates: GateValues, prog_bar: bool = False) -> None:
         count = parameter_count(self.structure, gates.kept())
         self.log(name, float(prunable_fraction(self.structure, self.target.prune, count)), prog_bar=prog_bar)
+
+    def on_after_backward(self) -> None:
+        if self.target is not None:
+            self.hooks.deactivate()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.target is not None:

@@ -118,6 +118,24 @@ def test_progress_is_printed_as_lines_when_the_output_is_not_a_terminal(tmp_path
     assert sum(line.startswith("validation: loader 1/1, batch") for line in lines) == 2  # after steps 10 and 20
 
 
+def test_gradient_checkpointing_trains_the_same_masked_model(tmp_path, tiny_model_dir, tiny_text):
+    """Checkpointing re-runs each layer's forward during backward: the gates must still be applied there."""
+    trained = []
+    for checkpointing in (False, True):
+        root = tmp_path / str(checkpointing)
+        pruning = {"target": TARGET, "round_to": 1}
+        model = {"model": str(tiny_model_dir), "pruning": pruning, "gradient_checkpointing": checkpointing}
+        trainer = {"accelerator": "cpu", "max_steps": 4, "limit_val_batches": 0, "default_root_dir": str(root)}
+        root.mkdir()
+        config = write_config(root / "tiny.yaml", tiny_model_dir, tiny_text, model=model, trainer=trainer)
+        run(["fit", "-c", str(config), "--export.enabled", "false", "--trainer.enable_progress_bar", "false"])
+        state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        trained.append({name: value for name, value in state.items() if "gates." in name or "lora_" in name})
+    assert trained[0].keys() == trained[1].keys() and any("lora_B" in name for name in trained[0])
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_text):
     """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers and data
     position continue from the checkpoint, and the run finishes and exports."""
