@@ -33,9 +33,11 @@ class ExportPruned(L.Callback):
         self.dirname, self.enabled = dirname, enabled
 
     def on_fit_end(self, trainer: L.Trainer, module: TailoredModule) -> None:
-        if not self.enabled or not trainer.is_global_zero or trainer.interrupted:
+        if not self.enabled or trainer.interrupted:
             return
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # every rank: log_dir broadcasts
+        if not trainer.is_global_zero:
+            return
         report = module.export(path)
         parameters = report["parameters"]
         summary = (

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -117,7 +118,10 @@ def recovery(
         dense: the dense model (default: the config's ``model.model``).
         out: also write the table as JSON to this file.
     """
-    cli = TailoredCLI(TailoredModule, DomainData, run=False, args=["-c", run_config, "--trainer.logger", "false"])
+    with warnings.catch_warnings():  # Lightning warns when args are given while sys.argv holds the user's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        args = ["-c", run_config, "--trainer.logger", "false"]  # no logger: nothing is written but ``out``
+        cli = TailoredCLI(TailoredModule, DomainData, run=False, args=args, save_config_callback=None)
     settings = cli.model
     models = {"dense": dense or settings.model_name, "tuned": tuned, "pruned": pruned}
     results = {}

@@ -16,6 +16,7 @@ baseline the pruned model is compared with.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ class TailoredModule(L.LightningModule):
         self.model = None
         self.task_metrics = torch.nn.ModuleList()
         self.results: dict[str, dict[str, float]] = {}
+        self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
 
     def setup(self, stage: str) -> None:
         """The metrics of every task of the datamodule (validation and test)."""
@@ -230,7 +232,9 @@ class TailoredModule(L.LightningModule):
         lm_loss = self.model(**batch).loss
         loss = lm_loss
         phase = self.phase(self.global_step)
-        if phase != "recovery":
+        if phase == "recovery":  # DDP needs a gradient for every trainable parameter; on_after_backward drops it
+            loss = loss + 0.0 * sum(parameter.sum() for parameter in self.gates.parameters())
+        else:
             control_start, _ = self.phase_bounds()
             warmup = min(1.0, self.global_step / max(1, control_start))
             regulariser, expected, target = self.gates.sparsity_loss(warmup)
@@ -262,20 +266,24 @@ class TailoredModule(L.LightningModule):
         self.log(name, float(prunable_fraction(self.structure, self.target.prune, count)), prog_bar=prog_bar)
 
     def on_after_backward(self) -> None:
-        if self.target is not None:
-            self.hooks.deactivate()
+        if self.target is None:
+            return
+        self.hooks.deactivate()
+        if self.gates.is_frozen:  # the zero gradients of the recovery phase: the optimiser must not step on them
+            for parameter in self.gates.parameters():
+                parameter.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.target is not None:
             self.gates.clamp_()
 
-    def applied_gates(self):
-        """The masked forward with evaluation gates (the dense model when not pruning)."""
-        return nullcontext() if self.target is None else self.hooks.applied(self.evaluation_gates())
+    def applied_gates(self, gates: Callable[[], GateValues]):
+        """The masked forward with ``gates()`` (the dense model when not pruning)."""
+        return nullcontext() if self.target is None else self.hooks.applied(gates())
 
-    def _evaluation_step(self, batch: dict, dataloader_idx: int) -> None:
+    def _evaluation_step(self, batch: dict, dataloader_idx: int, gates: Callable[[], GateValues]) -> None:
         task, metrics = self.tasks[dataloader_idx], self.task_metrics[dataloader_idx]
-        with self.applied_gates():
+        with self.applied_gates(gates):
             loss = self.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
             ).loss
@@ -288,10 +296,11 @@ class TailoredModule(L.LightningModule):
                 metrics.rouge.update(answers, batch["references"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_step(batch, dataloader_idx)
+        self._evaluation_step(batch, dataloader_idx, self.evaluation_gates)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_step(batch, dataloader_idx)
+        """Evaluates the model that export would save (:meth:`final_gates`)."""
+        self._evaluation_step(batch, dataloader_idx, self.final_gates)
 
     def _log_evaluation(self, stage: str) -> None:
         """Log every task's metrics as ``<stage>/<task>/<metric>`` and keep them in :attr:`results`."""
@@ -311,11 +320,12 @@ class TailoredModule(L.LightningModule):
                 self.log(f"data/weight/{task.name}", weight)
 
     def on_test_epoch_end(self) -> None:
+        """Print the results; with a logger, also write them to ``<log dir>/test_results.json``."""
         self._log_evaluation("test")
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # every rank: log_dir broadcasts
         if not self.trainer.is_global_zero:
             return
         print(format_results(self.results))
-        log_dir = self.trainer.log_dir
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / "test_results.json").write_text(json.dumps(self.results, indent=2) + "\n")
@@ -375,6 +385,7 @@ class TailoredModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the model first (load_from_checkpoint does not), then check the checkpoint fits it."""
         self.configure_model()
+        self.checkpoint_step = checkpoint.get("global_step", 0)
         saved = checkpoint.get("tailored_structure")
         if saved is not None and saved != asdict(self.structure):
             raise ValueError(
@@ -410,7 +421,7 @@ class TailoredModule(L.LightningModule):
             }
             count = parameter_count(self.structure, gates.kept())
             report["kept_fraction_of_prunable"] = float(prunable_fraction(self.structure, self.target.prune, count))
-        report["trained_steps"] = self.global_step
+        report["trained_steps"] = max(self.global_step, self.checkpoint_step)  # no trainer after load_from_checkpoint
         save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
         return report
 

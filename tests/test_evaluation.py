@@ -280,7 +280,10 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     assert set(results["summarise"]) == {"loss", "rouge1", "rouge2", "rougeL"}
     assert set(results["words"]) == {"loss", "perplexity"}
 
-    report = run(["recovery", "-c", str(path), "--pruned", str(tiny_model_dir), "--out", str(tmp_path / "r.json")])
+    written = sorted((tmp_path / "run").rglob("*"))
+    for _ in range(2):  # a second recovery on the same config works as well
+        report = run(["recovery", "-c", str(path), "--pruned", str(tiny_model_dir), "--out", str(tmp_path / "r.json")])
+    assert sorted((tmp_path / "run").rglob("*")) == written  # recovery writes nothing but --out
     rows = report["tasks"]  # the same model evaluated twice: equal metrics
     assert rows["classify"]["pruned"] == rows["classify"]["dense"] and rows["words"]["metric"] == "perplexity"
     assert rows["words"]["pruned % of dense"] == pytest.approx(100.0)

@@ -103,6 +103,7 @@ def test_export_subcommand_exports_from_a_checkpoint_and_keeps_existing_folders(
     report = json.loads((out / "pruning_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    assert report["trained_steps"] == torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     with pytest.raises(FileExistsError, match="already holds files"):
         run(["export", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"), "--out", str(out)])
 
@@ -136,6 +137,34 @@ def test_gradient_checkpointing_trains_the_same_masked_model(tmp_path, tiny_mode
         torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_two_processes_train_the_same_gates_and_export_once(tmp_path, tiny_model_dir, tiny_text):
+    """DDP on CPU (gloo), 2 processes, into the recovery phase: every rank ends with the same gates, multipliers
+    and LoRA weights, and one export is written."""
+    record = tmp_path / "end"
+    trainer = {
+        "accelerator": "cpu",
+        "strategy": "ddp",
+        "devices": 2,
+        "max_steps": 20,
+        "val_check_interval": 10,
+        "default_root_dir": str(tmp_path / "run"),
+        "enable_progress_bar": False,
+        "callbacks": [{"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(record)}}],
+    }
+    config = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tiny_text, trainer=trainer)
+    env = os.environ | {"PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "tailored.cli", "fit", "-c", str(config)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(f"{record}.rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 20
+    assert ranks[0]["state"]["gates.is_frozen"]  # the last steps were the recovery phase
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), name
+    assert len(list((tmp_path / "run").rglob("export/config.json"))) == 1
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_text):
     """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers and data
     position continue from the checkpoint, and the run finishes and exports."""
@@ -156,13 +185,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir,
         command = [sys.executable, "-m", "tailored.cli", "fit", "-c", str(config), *extra]
         return subprocess.run(command, env=env, capture_output=True, text=True)
 
-    killed = fit([{"class_path": "resume_helpers.KillAfterStep", "init_args": {"step": 25}}])
+    killed = fit([{"class_path": "subprocess_callbacks.KillAfterStep", "init_args": {"step": 25}}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 20
 
     resumed = fit(
-        [{"class_path": "resume_helpers.RecordStart", "init_args": {"path": str(record)}}], "--ckpt_path", "last"
+        [{"class_path": "subprocess_callbacks.RecordStart", "init_args": {"path": str(record)}}], "--ckpt_path", "last"
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = torch.load(record)

@@ -1,4 +1,4 @@
-"""Callbacks that the resume test injects into ``tailored fit`` subprocesses."""
+"""Callbacks that tests inject into ``tailored fit`` subprocesses (resume after a kill, several processes)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ class RecordStart(L.Callback):
         self.recorded = True
         gates = {name: value.detach().clone() for name, value in module.gates.state_dict().items()}
         torch.save({"global_step": trainer.global_step, "gates": gates, "input_ids": batch["input_ids"]}, self.path)
+
+
+class RecordEnd(L.Callback):
+    """Save each rank's trained gates, multipliers and LoRA weights to ``<path>.rank<N>.pt`` when fit ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, module) -> None:
+        state = {name: value.detach().clone() for name, value in module.state_dict().items() if "lora_" in name}
+        state |= {f"gates.{name}": value.detach().clone() for name, value in module.gates.state_dict().items()}
+        torch.save({"global_step": trainer.global_step, "state": state}, f"{self.path}.rank{trainer.global_rank}.pt")
