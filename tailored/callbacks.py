@@ -59,10 +59,13 @@ class GateMonitor(L.Callback):
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
+        self._last_step = -1  # with gradient accumulation several batches end on one step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: TailoredModule, outputs, batch, batch_idx: int) -> None:
-        if module.target is None or trainer.global_step % self.every_n_steps != 0 or not trainer.is_global_zero:
+        step = trainer.global_step
+        if module.target is None or step % self.every_n_steps or step == self._last_step or not trainer.is_global_zero:
             return
+        self._last_step = step
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not loggers:
             return

@@ -67,11 +67,20 @@ class TailoredCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
-            check_checkpoint(config.get("ckpt_path"), config.trainer.default_root_dir)
+            check_checkpoint(config.get("ckpt_path"), config.trainer.default_root_dir, subcommand)
 
 
-def check_checkpoint(ckpt_path: str | None, root: str) -> None:
-    """Fail clearly on a checkpoint that is missing or unreadable, before the model loads."""
+def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") -> None:
+    """Fail clearly on a checkpoint that is missing or unreadable, before the model loads.
+
+    ``last`` may find nothing when fitting (the run starts fresh), not when evaluating: that would silently
+    evaluate the untrained model.
+    """
+    if ckpt_path == "last" and subcommand != "fit" and not Path(checkpoint_dir(root), "last.ckpt").is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path last: {checkpoint_dir(root)} has no last.ckpt; check trainer.default_root_dir "
+            "(the fit run's), or pass a checkpoint file"
+        )
     if ckpt_path in (None, "last", "best", "hpc"):
         return
     path = Path(ckpt_path)

@@ -85,10 +85,11 @@ class DomainData(L.LightningDataModule):
         batch_size: examples per batch and process.
         response_only: instruction tasks compute the loss on the answer tokens only.
         eval_rows: at most this many held-out rows per instruction task, sampled at random (files are often
-            sorted, e.g. by label) with :data:`HELD_OUT_SEED`.
+            sorted, e.g. by label) with :data:`HELD_OUT_SEED`, and batched by length. Shrink validation with
+            this, not ``trainer.limit_val_batches``, which would keep the shortest rows only.
         eval_blocks: at most this many held-out blocks of ``seq_len`` tokens per language-modelling task, evenly
             spread over its held-out text (long documents would otherwise make validation the longest part).
-        seed: seed of the training stream, of the held-out split and of the k-shot examples.
+        seed: seed of the training stream and of the k-shot examples (the held-out rows do not depend on it).
         data_dir: folder that relative local task sources are read from (default: the working directory).
         dynamic: reweight tasks after every validation by their held-out loss's excess over the reference loss.
         reference_losses: per task name, the reference loss of dynamic weighting; by default the dense model's
@@ -205,7 +206,7 @@ class DomainData(L.LightningDataModule):
             )
             for row_index, row in enumerate(eval_rows)
         ]
-        return sorted(items, key=lambda item: len(item["input_ids"]))  # batches of like lengths: little padding
+        return sorted(items, key=evaluation_length)  # batches of like lengths: little padding
 
     def shots_for(self, task_index: int, row_index: int, train_rows) -> list[dict]:
         """The k-shot examples of held-out row ``row_index``: training rows drawn by ``(seed, task, row)``."""
@@ -276,6 +277,11 @@ class DomainData(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.weights[:] = state_dict["weights"]
         self.reference_losses = state_dict.get("reference_losses")
+
+
+def evaluation_length(item: dict) -> int:
+    """Tokens of a held-out item's longest evaluation sequence: prompt (with its shots) + longest option."""
+    return len(item["prompt_ids"]) + max((len(option) for option in item.get("option_ids", [])), default=0)
 
 
 def pad(sequences: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,6 +149,7 @@ class TailoredModule(L.LightningModule):
         self.task_metrics = torch.nn.ModuleList()
         self.results: dict[str, dict[str, float]] = {}
         self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
+        self.resumed_random_state: dict | None = None  # torch RNG state of that checkpoint
 
     def setup(self, stage: str) -> None:
         """The metrics of every task of the datamodule (validation and test)."""
@@ -196,6 +197,12 @@ class TailoredModule(L.LightningModule):
     def phase(self, step: int) -> str:
         control_start, recovery_start = self.phase_bounds()
         return "warmup" if step < control_start else "control" if step < recovery_start else "recovery"
+
+    def on_train_start(self) -> None:
+        """A resumed run draws the gate noise the interrupted run would have drawn next."""
+        if self.resumed_random_state is not None:
+            set_random_state(self.resumed_random_state)
+            self.resumed_random_state = None
 
     def on_fit_start(self) -> None:
         if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
@@ -381,11 +388,13 @@ class TailoredModule(L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["tailored_structure"] = asdict(self.structure)
+        checkpoint["tailored_rng"] = random_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the model first (load_from_checkpoint does not), then check the checkpoint fits it."""
         self.configure_model()
         self.checkpoint_step = checkpoint.get("global_step", 0)
+        self.resumed_random_state = checkpoint.get("tailored_rng")
         saved = checkpoint.get("tailored_structure")
         if saved is not None and saved != asdict(self.structure):
             raise ValueError(
@@ -424,6 +433,17 @@ class TailoredModule(L.LightningModule):
         report["trained_steps"] = max(self.global_step, self.checkpoint_step)  # no trainer after load_from_checkpoint
         save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
         return report
+
+
+def random_state() -> dict:
+    """The torch random number generators' state (CPU, and every GPU's): the gate noise of the next steps."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def format_results(results: dict[str, dict[str, float]]) -> str:

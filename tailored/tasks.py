@@ -160,7 +160,8 @@ def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_o
 def encode_prompt(task: Task, row: dict, tokenizer, max_length: int, shots: Sequence[dict] = ()) -> list[int]:
     """Token ids of a row's prompt (after its k-shot examples), cut to ``max_length`` by :func:`cut_middle`."""
     prompt = format_prompt(task, row, tokenizer, shots)
-    return cut_middle(tokenizer(prompt, add_special_tokens=not task.chat)["input_ids"], max_length)
+    templated = task.chat and bool(tokenizer.chat_template)  # a chat template writes its own special tokens
+    return cut_middle(tokenizer(prompt, add_special_tokens=not templated)["input_ids"], max_length)
 
 
 def encode_eval_item(

@@ -227,10 +227,10 @@ def test_held_out_rows_are_batched_by_length(tmp_path, tiny_model_dir):
     rows = [{"q": " ".join(["w7"] * (1 + (5 * i) % 9)), "a": "w60"} for i in range(18)]  # lengths 1..9, shuffled
     source = write_rows(tmp_path / "varied.jsonl", rows)
     task = Task("varied", source, "classification", prompt="{q}", answer=" {a}", choices=[" w60", " w61"])
-    data = DomainData([replace(task, eval_source=source)], tokenizer=str(tiny_model_dir), batch_size=3)
+    data = DomainData([replace(task, eval_source=source, shots=1)], tokenizer=str(tiny_model_dir), batch_size=3)
     data.setup("test")
-    lengths = [len(item["input_ids"]) for item in data.eval_items[0]]
-    assert len(lengths) == len(rows) and len(set(lengths)) == 9
+    lengths = [len(item["prompt_ids"]) + 1 for item in data.eval_items[0]]  # with its shot; options are 1 token
+    assert len(lengths) == len(rows) and len(set(lengths)) > 9
     assert lengths == sorted(lengths)  # each batch pads to about its own length, not to the longest row's
 
 

@@ -191,7 +191,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir,
     assert checkpoint["global_step"] == 20
 
     resumed = fit(
-        [{"class_path": "subprocess_callbacks.RecordStart", "init_args": {"path": str(record)}}], "--ckpt_path", "last"
+        [
+            {"class_path": "subprocess_callbacks.RecordStart", "init_args": {"path": str(record)}},
+            {"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(tmp_path / "resumed")}},
+        ],
+        "--ckpt_path",
+        "last",
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = torch.load(record)
@@ -208,6 +213,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir,
     expected = data.collate([next(stream) for _ in range(4)])["input_ids"]
     assert torch.equal(start["input_ids"], expected)  # the batch an uninterrupted run takes at step 20
     assert (tmp_path / "run" / "lightning_logs" / "version_1" / "export" / "config.json").is_file()
+
+    trainer["default_root_dir"] = str(tmp_path / "uninterrupted")
+    whole = fit([{"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(tmp_path / "whole")}}])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    end, expected_end = torch.load(tmp_path / "resumed.rank0.pt"), torch.load(tmp_path / "whole.rank0.pt")
+    for name, value in expected_end["state"].items():  # same data, gate noise, optimiser: the same result
+        torch.testing.assert_close(end["state"][name], value, rtol=1e-4, atol=1e-4, msg=name)  # not bitwise: ~1e-6
 
 
 @pytest.fixture
@@ -253,6 +265,8 @@ def test_corrupt_checkpoint_is_named(tmp_path, tiny_model_dir, tiny_text, no_wei
     config = write_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_text)
     with pytest.raises(ValueError, match="broken.ckpt is corrupt"):
         run(["fit", "-c", str(config), "--ckpt_path", str(broken)])
+    with pytest.raises(FileNotFoundError, match="has no last.ckpt"):  # would evaluate the untrained model
+        run(["test", "-c", str(config), "--ckpt_path", "last"])
 
 
 def test_console_script_reports_input_errors_in_one_line(tmp_path, tiny_model_dir, tiny_text, monkeypatch):
