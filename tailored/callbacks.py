@@ -40,8 +40,9 @@ class ExportPruned(L.Callback):
             return
         report = module.export(path)
         parameters = report["parameters"]
+        kind = "pruned" if module.target is not None else "tuned (not pruned)"
         summary = (
-            f"pruned model saved to {path}: {parameters['after']:,} parameters "
+            f"{kind} model saved to {path}: {parameters['after']:,} parameters "
             f"({parameters['kept_fraction']:.1%} of {parameters['before']:,})"
         )
         print(summary)

@@ -142,7 +142,7 @@ def recovery(
         cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
         results[name] = module.results
     kinds = {task.name: task.kind for task in cli.datamodule.tasks}
-    report = recovery_table(results, kinds, dense="dense") | {"models": models, "results": results}
+    report = recovery_table(results, kinds, dense="dense", tuned="tuned") | {"models": models, "results": results}
     print(format_recovery(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")

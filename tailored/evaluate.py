@@ -97,44 +97,51 @@ def greedy_answers(model: nn.Module, batch: dict, tokenizer, max_new_tokens: int
     return [text.lstrip().split(stop)[0].strip() if stop else text.strip() for text in texts]
 
 
-def recovery_table(results: dict[str, dict[str, dict[str, float]]], kinds: dict[str, str], dense: str) -> dict:
-    """Per task, each model's primary metric and its share of the dense model's ("% of dense").
+def recovery_table(
+    results: dict[str, dict[str, dict[str, float]]], kinds: dict[str, str], dense: str, tuned: str | None = None
+) -> dict:
+    """Per task, each model's primary metric and its share of the dense model's ("% of dense", ATP's figure),
+    and, when ``tuned`` is given, the pruned models' share of the tuned one's (what pruning costs at equal tuning).
 
     Args:
         results: model name -> task name -> metrics (as :meth:`TaskMetrics.compute` returns).
         kinds: task name -> task kind.
-        dense: the model name that the others are compared to.
+        dense: the model name that every other is compared to.
+        tuned: the dense model LoRA-tuned; the remaining models are compared to it as well.
     Returns:
-        ``{"tasks": {task: {"metric", model: value, f"{model} % of dense": share}}, "average": {model: share}}``;
-        perplexity's share is dense / model (lower is better), the others' model / dense. A share is undefined
-        (NaN) where the dense model scores 0; the average leaves such tasks out.
+        ``{"tasks": {task: {"metric", model: value, "<model> % of <reference>": share}}, "average": {"<model> % of
+        <reference>": share}}``; perplexity's share is reference / model (lower is better), the others' model /
+        reference. A share is undefined (NaN) where the reference scores 0; the average leaves such tasks out.
     """
-    table, shares = {}, {name: [] for name in results if name != dense}
+    pairs = [(name, dense) for name in results if name != dense]
+    if tuned is not None and tuned in results:
+        pairs += [(name, tuned) for name in results if name not in (dense, tuned)]
+    table, shares = {}, {f"{name} % of {reference}": [] for name, reference in pairs}
     for task, kind in kinds.items():
         metric = PRIMARY_METRIC[kind]
         row = {"metric": metric} | {name: results[name][task][metric] for name in results}
-        for name in shares:
-            value, reference = results[name][task][metric], results[dense][task][metric]
+        for name, reference_name in pairs:
+            value, reference = row[name], row[reference_name]
             share = reference / value if metric == "perplexity" else value / reference if reference else float("nan")
-            row[f"{name} % of dense"] = 100 * share
-            shares[name].append(100 * share)
+            row[f"{name} % of {reference_name}"] = 100 * share
+            shares[f"{name} % of {reference_name}"].append(100 * share)
         table[task] = row
-    defined = {name: [value for value in values if not math.isnan(value)] for name, values in shares.items()}
-    average = {name: sum(values) / len(values) if values else float("nan") for name, values in defined.items()}
+    defined = {key: [value for value in values if not math.isnan(value)] for key, values in shares.items()}
+    average = {key: sum(values) / len(values) if values else float("nan") for key, values in defined.items()}
     return {"tasks": table, "average": average}
 
 
 def format_recovery(report: dict) -> str:
-    """The recovery table as aligned text."""
+    """The recovery table as aligned text: one row per task and the average, one column per model and share."""
     tasks = report["tasks"]
-    models = [key for key in next(iter(tasks.values())) if key != "metric" and not key.endswith("% of dense")]
-    compared = [name for name in models if f"{name} % of dense" in next(iter(tasks.values()))]
-    header = ["task", "metric", *models, *(f"{name} %" for name in compared)]
+    shares = list(report["average"])
+    models = [key for key in next(iter(tasks.values())) if key != "metric" and key not in shares]
+    header = ["task", "metric", *models, *shares]
     rows = [
-        [task, row["metric"], *(f"{row[m]:.4g}" for m in models), *(f"{row[f'{m} % of dense']:.1f}" for m in compared)]
+        [task, row["metric"], *(f"{row[m]:.4g}" for m in models), *(f"{row[key]:.1f}" for key in shares)]
         for task, row in tasks.items()
     ]
-    rows.append(["average", "", *("" for _ in models), *(f"{report['average'][m]:.1f}" for m in compared)])
+    rows.append(["average", "", *("" for _ in models), *(f"{report['average'][key]:.1f}" for key in shares)])
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     return "\n".join(
         "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]

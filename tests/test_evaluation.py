@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tailored.cli import run
 from tailored.data import DomainData, dynamic_weights
-from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods, recovery_table
+from tailored.evaluate import TaskMetrics, format_recovery, greedy_answers, option_log_likelihoods, recovery_table
 from tailored.tasks import IGNORE_INDEX, Task, encode_example, format_prompt
 
 
@@ -287,18 +287,27 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     rows = report["tasks"]  # the same model evaluated twice: equal metrics
     assert rows["classify"]["pruned"] == rows["classify"]["dense"] and rows["words"]["metric"] == "perplexity"
     assert rows["words"]["pruned % of dense"] == pytest.approx(100.0)
-    assert json.loads((tmp_path / "r.json").read_text())["average"]["pruned"] == pytest.approx(100.0)
+    assert json.loads((tmp_path / "r.json").read_text())["average"]["pruned % of dense"] == pytest.approx(100.0)
 
 
-def test_recovery_table_inverts_perplexity():
+def test_recovery_table_inverts_perplexity_and_compares_to_dense_and_tuned():
     results = {
         "dense": {"qa": {"accuracy": 0.8}, "text": {"perplexity": 10.0}},
+        "tuned": {"qa": {"accuracy": 0.9}, "text": {"perplexity": 8.0}},
         "pruned": {"qa": {"accuracy": 0.6}, "text": {"perplexity": 20.0}},
     }
-    table = recovery_table(results, {"qa": "classification", "text": "language_modeling"}, dense="dense")
+    kinds = {"qa": "classification", "text": "language_modeling"}
+    table = recovery_table(results, kinds, dense="dense", tuned="tuned")
     assert table["tasks"]["qa"]["pruned % of dense"] == pytest.approx(75.0)
     assert table["tasks"]["text"]["pruned % of dense"] == pytest.approx(50.0)
-    assert table["average"]["pruned"] == pytest.approx(62.5)
+    assert table["tasks"]["text"]["pruned % of tuned"] == pytest.approx(40.0)
+    assert table["average"] == pytest.approx(
+        {"tuned % of dense": (112.5 + 125.0) / 2, "pruned % of dense": 62.5, "pruned % of tuned": (60.0 / 0.9 + 40) / 2}
+    )
+    text = format_recovery(table).splitlines()
+    assert text[0].split() == ["task", "metric", "dense", "tuned", "pruned", "tuned", "%", "of", "dense", "pruned",
+                               "%", "of", "dense", "pruned", "%", "of", "tuned"]  # fmt: skip
+    assert text[-1].split() == ["average", "118.8", "62.5", "53.3"]
 
 
 def test_dynamic_batch_loading_reweights_tasks_during_fit(tmp_path, tiny_model_dir, tiny_text):
