@@ -3,6 +3,7 @@
 | kind | metric | how |
 |---|---|---|
 | classification, multiple_choice | accuracy | the option with the highest summed log-likelihood after the prompt |
+| classification, multiple_choice | accuracy_norm | the same with the mean log-likelihood per option token |
 | generation | ROUGE-1/2/L (F1) | greedy decoding up to ``max_new_tokens``, cut at ``stop`` |
 | language_modeling | perplexity | exp of the token-weighted mean held-out loss |
 
@@ -40,6 +41,7 @@ class TaskMetrics(nn.Module):
         self.loss = MeanMetric()
         if task.kind in ("classification", "multiple_choice"):
             self.accuracy = MulticlassAccuracy(num_classes=len(task.choices), average="micro")
+            self.accuracy_norm = MulticlassAccuracy(num_classes=len(task.choices), average="micro")
         if task.kind == "generation":
             self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
@@ -50,10 +52,17 @@ class TaskMetrics(nn.Module):
             results["perplexity"] = math.exp(loss)
         if hasattr(self, "accuracy"):
             results["accuracy"] = float(self.accuracy.compute())
+            results["accuracy_norm"] = float(self.accuracy_norm.compute())
         if hasattr(self, "rouge"):
             scores = self.rouge.compute()
             results |= {key: float(scores[f"{key}_fmeasure"]) for key in ROUGE_KEYS}
         return results
+
+    def update_options(self, scores: torch.Tensor, option_lengths: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count the chosen options: ``scores [B, n]`` summed log-likelihoods, ``option_lengths [B * n]`` tokens,
+        ``labels [B]``."""
+        self.accuracy.update(scores.argmax(-1), labels)
+        self.accuracy_norm.update((scores / option_lengths.view_as(scores)).argmax(-1), labels)
 
     def reset(self) -> None:
         for metric in self.children():

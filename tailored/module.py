@@ -296,7 +296,8 @@ class TailoredModule(L.LightningModule):
             ).loss
             metrics.loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if "option_input_ids" in batch:
-                metrics.accuracy.update(option_log_likelihoods(self.model, batch).argmax(-1), batch["label"])
+                scores = option_log_likelihoods(self.model, batch)
+                metrics.update_options(scores, batch["option_lengths"], batch["label"])
             if "references" in batch:
                 tokenizer = self.trainer.datamodule.tokenizer
                 answers = greedy_answers(self.model, batch, tokenizer, task.max_new_tokens, task.stop)

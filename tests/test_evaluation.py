@@ -80,16 +80,21 @@ def test_option_scores_and_accuracy_match_a_hand_computation(task_files, tiny_mo
     data = data_module(task_files, tiny_model_dir)
     items = data.eval_items[task_index]
     metrics = TaskMetrics(data.tasks[task_index])
-    correct = 0
+    correct = correct_per_token = 0
     for start in range(0, len(items), 2):
         chunk = items[start : start + 2]
-        scores = option_log_likelihoods(model, data.collate_eval(chunk))
+        batch = data.collate_eval(chunk)
+        scores = option_log_likelihoods(model, batch)
         for row, item in enumerate(chunk):
             by_hand = [sequence_log_likelihood(model, item["prompt_ids"], option) for option in item["option_ids"]]
             torch.testing.assert_close(scores[row], torch.tensor(by_hand), atol=1e-4, rtol=1e-5)
+            per_token = [score / len(option) for score, option in zip(by_hand, item["option_ids"], strict=True)]
             correct += int(max(range(len(by_hand)), key=by_hand.__getitem__) == item["label"])
-        metrics.accuracy.update(scores.argmax(-1), torch.tensor([item["label"] for item in chunk]))
-    assert metrics.accuracy.compute().item() == pytest.approx(correct / len(items))
+            correct_per_token += int(max(range(len(per_token)), key=per_token.__getitem__) == item["label"])
+        metrics.update_options(scores, batch["option_lengths"], batch["label"])
+    results = metrics.compute()
+    assert results["accuracy"] == pytest.approx(correct / len(items))
+    assert results["accuracy_norm"] == pytest.approx(correct_per_token / len(items))
 
 
 def test_batched_greedy_answers_equal_one_at_a_time_generation(task_files, tiny_model_dir, tiny):
@@ -276,7 +281,7 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     path.write_text(yaml.safe_dump(config))
     run(["test", "-c", str(path)])
     results = json.loads(next((tmp_path / "run").rglob("test_results.json")).read_text())
-    assert set(results["classify"]) == {"loss", "accuracy"}
+    assert set(results["classify"]) == {"loss", "accuracy", "accuracy_norm"}
     assert set(results["summarise"]) == {"loss", "rouge1", "rouge2", "rougeL"}
     assert set(results["words"]) == {"loss", "perplexity"}
 
