@@ -166,16 +166,18 @@ class DomainData(L.LightningDataModule):
         rows = sources.load_rows(task.source)
         task.check_columns(rows.column_names, task.source)
         language_modeling = task.kind == "language_modeling"
+        size = max(1, round(task.eval_fraction * len(rows)))  # held-out rows when there is no eval_source
         if task.eval_source:
             held_out = sources.load_rows(task.eval_source)
             task.check_columns(held_out.column_names, task.eval_source)
         elif language_modeling:
-            cut = len(rows) - max(1, round(task.eval_fraction * len(rows)))
+            cut = len(rows) - size
             rows, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
-        else:
-            size = max(1, round(task.eval_fraction * len(rows)))
-            split = rows.train_test_split(test_size=size, seed=HELD_OUT_SEED) if size < len(rows) else None
-            rows, held_out = (split["train"], split["test"]) if split else (rows.select([]), rows)
+        elif size < len(rows):
+            split = rows.train_test_split(test_size=size, seed=HELD_OUT_SEED)
+            rows, held_out = split["train"], split["test"]
+        else:  # too few rows to split: all held out, and the empty training split is reported by setup
+            rows, held_out = rows.select([]), rows
         if task.max_rows is not None:
             rows = rows.select(range(min(task.max_rows, len(rows))))
         if not language_modeling and len(held_out) > self.eval_rows:  # text is capped in blocks (eval_blocks)

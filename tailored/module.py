@@ -16,7 +16,6 @@ baseline the pruned model is compared with.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,6 +149,7 @@ class TailoredModule(L.LightningModule):
         self.results: dict[str, dict[str, float]] = {}
         self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
         self.resumed_random_state: dict | None = None  # torch RNG state of that checkpoint
+        self.held_out_gates: GateValues | None = None  # gates of the current validation/test epoch
 
     def setup(self, stage: str) -> None:
         """The metrics of every task of the datamodule (validation and test)."""
@@ -284,13 +284,17 @@ class TailoredModule(L.LightningModule):
         if self.target is not None:
             self.gates.clamp_()
 
-    def applied_gates(self, gates: Callable[[], GateValues]):
-        """The masked forward with ``gates()`` (the dense model when not pruning)."""
-        return nullcontext() if self.target is None else self.hooks.applied(gates())
+    def on_validation_epoch_start(self) -> None:
+        self.held_out_gates = None if self.target is None else self.evaluation_gates()
 
-    def _evaluation_step(self, batch: dict, dataloader_idx: int, gates: Callable[[], GateValues]) -> None:
+    def on_test_epoch_start(self) -> None:
+        """Test evaluates the model that export would save (:meth:`final_gates`)."""
+        self.held_out_gates = None if self.target is None else self.final_gates()
+
+    def _evaluation_step(self, batch: dict, dataloader_idx: int) -> None:
+        """One held-out batch under :attr:`held_out_gates` (the dense model when None), set once per epoch."""
         task, metrics = self.tasks[dataloader_idx], self.task_metrics[dataloader_idx]
-        with self.applied_gates(gates):
+        with nullcontext() if self.held_out_gates is None else self.hooks.applied(self.held_out_gates):
             loss = self.model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
             ).loss
@@ -304,11 +308,10 @@ class TailoredModule(L.LightningModule):
                 metrics.rouge.update(answers, batch["references"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_step(batch, dataloader_idx, self.evaluation_gates)
+        self._evaluation_step(batch, dataloader_idx)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Evaluates the model that export would save (:meth:`final_gates`)."""
-        self._evaluation_step(batch, dataloader_idx, self.final_gates)
+        self._evaluation_step(batch, dataloader_idx)
 
     def _log_evaluation(self, stage: str) -> None:
         """Log every task's metrics as ``<stage>/<task>/<metric>`` and keep them in :attr:`results`."""
