@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from tailored.exactness import masked_logits, rounding_sensitivity
 from tailored.export import pruning_report, save_pruned
-from tailored.masking import GateHooks
 from tailored.models import EMBEDDED_SMOLLM2, load_model, load_tokenizer
 from tailored.prune import prune_model
 from tailored.shapes import UniformShape, fit_channels, shape_gates, shape_parameter_count
@@ -62,16 +62,15 @@ def main() -> None:
 
     tokens = tokenizer(["Structured pruning removes whole heads, channels and hidden dims."], return_tensors="pt")
     tokens = tokens["input_ids"]
-    hooks = GateHooks(model)
-    with torch.no_grad(), hooks.applied(gates):
-        masked = model(tokens).logits
-    hooks.remove()
+    masked = masked_logits(model, gates, tokens)
     pruned = prune_model(model, gates)
     with torch.no_grad():
         logits = pruned(tokens).logits
     pruned_count = sum(p.numel() for p in pruned.parameters())
     report = pruning_report(structure, gates, source=args.model)
-    print(f"masked vs pruned logits: max abs diff {(logits - masked).abs().max().item():.2e}")
+    difference = (logits - masked).abs().max().item()
+    sensitivity = rounding_sensitivity(model, gates, tokens)
+    print(f"masked vs pruned logits: max abs diff {difference:.2e}; one ulp of noise moves them {sensitivity:.2e}")
     print(f"parameters: predicted {report['parameters']['after']:,}, pruned model {pruned_count:,}")
 
     path = save_pruned(pruned, Path(args.out), tokenizer=tokenizer, report=report)

@@ -146,8 +146,8 @@ def merged_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 def pruned_state_dict(model: nn.Module, gates: GateValues, plan: PruningPlan) -> dict[str, torch.Tensor]:
     """The state dict of the pruned model, keyed as the pruned Hugging Face model names its tensors.
 
-    ``model`` may carry peft LoRA adapters (merged here). Soft gate values are folded in float32, then cast back
-    to each weight's dtype.
+    ``model`` may carry peft LoRA adapters (merged here). Soft gate values are folded in float32 (or float64 for a
+    float64 model), then cast back to each weight's dtype.
     """
     structure = describe(model)
     base = unwrap(model)
@@ -214,8 +214,9 @@ def _mlp_state(prefix, layer, channel_gates, layer_plan, hidden, scale) -> dict[
 
 
 def _fold(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``tensor * scale`` computed in float32, returned in ``tensor``'s dtype."""
-    return (tensor.float() * scale.float()).to(tensor.dtype)
+    """``tensor * scale`` computed in float32 or wider (float64 stays float64), returned in ``tensor``'s dtype."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    return (tensor.to(dtype) * scale.to(dtype)).to(tensor.dtype)
 
 
 @torch.no_grad()

@@ -32,8 +32,11 @@ def tiny_model(
     tied: bool = False,
     bias: bool = False,
     seed: int = 0,
+    weight_std: float = 0.3,
 ):
     """A random causal LM; every tensor (norms and biases too) is random so that any slicing error shows.
+
+    Weights and biases are drawn from N(0, ``weight_std``), norm weights from U(0.5, 1.5).
 
     ``bias`` gives Llama q/k/v/o and MLP biases (``attention_bias``/``mlp_bias``); Qwen2 always has q/k/v biases.
     Hidden size is ``num_heads * head_dim`` (Llama's config insists on a multiple of the head count).
@@ -63,7 +66,7 @@ def tiny_model(
             if "norm" in name:
                 parameter.uniform_(0.5, 1.5)
             else:
-                parameter.normal_(0.0, 0.3)
+                parameter.normal_(0.0, weight_std)
     return model.eval()
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_export import load_in_fresh_process
+from test_prune import EXACT_FP32, ROUNDING_FACTOR
 
+from tailored.exactness import rounding_sensitivity
 from tailored.export import pruning_report, save_pruned
 from tailored.masking import GateHooks
 from tailored.models import EMBEDDED_SMOLLM2, load_model, load_tokenizer
@@ -14,10 +16,6 @@ from tailored.shapes import UniformShape, fit_channels, shape_gates
 from tailored.structure import GateValues, describe
 
 pytestmark = pytest.mark.slow
-
-FP32_FLOOR = 2e-4
-"""Max logit change of the dense SmolLM2 itself when its embeddings move by one float32 ulp (measured: 1.2e-4).
-Masked and pruned models sum the same terms in a different order, so they differ at this level, not above."""
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +65,9 @@ def test_pruned_smollm2_equals_masked_smollm2(smollm2, prompt):
     pruned = prune_model(model, gates)
     with torch.no_grad():
         logits = pruned(prompt).logits
-    assert (logits - masked).abs().max().item() <= FP32_FLOOR
+    # 30 layers deep, logits up to ~30: one ulp of noise per block moves them by ~1e-4, and so does the pruning
+    difference = (logits - masked).abs().max().item()
+    assert difference <= max(EXACT_FP32, ROUNDING_FACTOR * rounding_sensitivity(model, gates, prompt))
     assert sum(p.numel() for p in pruned.parameters()) == pruning_report(structure, gates)["parameters"]["after"]
     tokens = pruned.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
     assert torch.equal(tokens, masked_tokens)
