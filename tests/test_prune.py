@@ -118,6 +118,48 @@ def test_pruned_model_equals_masked_model(layout, lora, data, tokens):
     assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == layout["tied"]
 
 
+NAMED_LAYOUTS = {
+    "GQA 4:2, untied, odd layers": dict(family="llama", num_layers=3, num_kv_heads=2, n_rep=2),
+    "MQA, tied": dict(family="mistral", num_layers=2, num_kv_heads=1, n_rep=4, tied=True),
+    "MHA, biases": dict(family="llama", num_layers=2, num_kv_heads=4, n_rep=1, bias=True),
+    "Qwen2 q/k/v biases, GQA 6:2, tied, odd layers": dict(family="qwen2", num_layers=5, n_rep=3, tied=True),
+}
+
+
+def seeded_gate_pattern(structure, seed: int) -> GateValues:
+    """A fixed random pattern: each unit removed, kept at 1 or kept soft (a third each); a third of hidden dims cut.
+
+    Layer 0 keeps its first KV group and channel, so some layer always survives; the last layer loses its last
+    KV group and channel (its whole attention block under MQA), so every kind of unit is pruned."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def units(shape):
+        draw = torch.rand(shape, generator=generator)
+        soft = 0.05 + 0.95 * torch.rand(shape, generator=generator)
+        return torch.where(draw < 1 / 3, 0.0, torch.where(draw < 2 / 3, 1.0, soft))
+
+    gates = GateValues.ones(structure)
+    gates.groups, gates.channels = units(gates.groups.shape), units(gates.channels.shape)
+    gates.groups[0, 0] = gates.channels[0, 0] = 1.0
+    gates.groups[-1, -1] = gates.channels[-1, -1] = 0.0
+    gates.attn, gates.mlp = units(gates.attn.shape).clamp(min=0.5), units(gates.mlp.shape).clamp(min=0.5)
+    gates.hidden[torch.randperm(structure.hidden_size, generator=generator)[: structure.hidden_size // 3]] = 0
+    return gates
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("layout", NAMED_LAYOUTS.values(), ids=NAMED_LAYOUTS.keys())
+def test_every_named_layout_is_exact(layout, lora, tokens):
+    """The layouts issue 2 names, checked on every run whatever the property test above happens to draw."""
+    model = tiny_model(**layout, weight_std=0.1)
+    if lora:
+        model = with_lora(model)
+    structure = describe(model)
+    for seed in range(3):
+        gates = seeded_gate_pattern(structure, seed)
+        assert_exact_pruning(model, gates, tokens)
+
+
 def edge_case_gates(structure, case: str) -> GateValues:
     gates = GateValues.ones(structure)
     if case == "layer loses all attention":
