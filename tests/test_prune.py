@@ -127,10 +127,12 @@ NAMED_LAYOUTS = {
 
 
 def seeded_gate_pattern(structure, seed: int) -> GateValues:
-    """A fixed random pattern: each unit removed, kept at 1 or kept soft (a third each); a third of hidden dims cut.
+    """A fixed random pattern: each KV group and channel removed, kept at 1 or kept soft (a third each); attention
+    and MLP block gates soft in [0.5, 1]; a third of hidden dims cut.
 
     Layer 0 keeps its first KV group and channel, so some layer always survives; the last layer loses its last
-    KV group and channel (its whole attention block under MQA), so every kind of unit is pruned."""
+    KV group and channel (its whole attention block under MQA), so groups, channels and hidden dims are pruned in
+    every layout. Removing whole blocks and layers is the edge-case test's job."""
     generator = torch.Generator().manual_seed(seed)
 
     def units(shape):
@@ -142,7 +144,7 @@ def seeded_gate_pattern(structure, seed: int) -> GateValues:
     gates.groups, gates.channels = units(gates.groups.shape), units(gates.channels.shape)
     gates.groups[0, 0] = gates.channels[0, 0] = 1.0
     gates.groups[-1, -1] = gates.channels[-1, -1] = 0.0
-    gates.attn, gates.mlp = units(gates.attn.shape).clamp(min=0.5), units(gates.mlp.shape).clamp(min=0.5)
+    gates.attn, gates.mlp = (0.5 + 0.5 * torch.rand(gates.attn.shape, generator=generator) for _ in range(2))
     gates.hidden[torch.randperm(structure.hidden_size, generator=generator)[: structure.hidden_size // 3]] = 0
     return gates
 
