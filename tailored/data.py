@@ -8,9 +8,10 @@ to save, and mixture weights can change during training (dynamic batch loading) 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -22,7 +23,9 @@ from tailored.models import check_model_name, resolve_model
 from tailored.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text
 
 HELD_OUT_SEED = 0
-"""Seed of the held-out row sample: fixed, so runs with different seeds are compared on the same rows."""
+"""Seed of the held-out row samples: fixed, so runs with different seeds are compared on the same rows."""
+CALIBRATION_SEED_OFFSET = 7_919
+"""Calibration batches (importance scores) come from the training stream of seed ``seed + this``."""
 
 
 class MixtureStream(IterableDataset):
@@ -63,19 +66,31 @@ class MixtureStream(IterableDataset):
 def dynamic_weights(
     weights: Sequence[float], losses: Sequence[float], references: Sequence[float], smoothing: float = 1e-4
 ) -> list[float]:
-    """Sheared-LLaMA's dynamic batch loading (METHOD.md section 8): weight moves to the tasks whose held-out loss
-    is furthest above its reference::
+    """Sheared-LLaMA's dynamic batch loading (METHOD.md section 8): weight moves to the tasks whose validation
+    loss is furthest above its reference::
 
-        w <- (1 - c) * softmax(log w + max(0, loss - reference)) + c / K
+        w <- (1 - c) * softmax(log w + (loss - reference)) + c / K
+
+    Unlike the paper, the excess is not clamped at 0: with the dense model's own loss as the reference, LoRA tuning
+    pushes every task below it within a few steps, and a clamped excess of 0 everywhere froze the weights for the
+    rest of the run. The signed excess keeps moving weight to the task that lags its reference most.
     """
-    scores = [math.log(w) + max(0.0, loss - ref) for w, loss, ref in zip(weights, losses, references, strict=True)]
+    scores = [math.log(w) + (loss - ref) for w, loss, ref in zip(weights, losses, references, strict=True)]
     top = max(scores)
     exps = [math.exp(score - top) for score in scores]
     return [(1 - smoothing) * e / sum(exps) + smoothing / len(exps) for e in exps]
 
 
 class DomainData(L.LightningDataModule):
-    """Training and held-out data for a domain made of one or more tasks.
+    """Training, validation and test data for a domain made of one or more tasks.
+
+    Three disjoint row sets per task, so that choosing settings on validation never touches the test figures::
+
+        source file ──► training rows ──┬── training stream
+                                        └── validation: val_rows rows carved out (never trained on);
+                                            validation and dynamic batch loading read these
+        eval_source ──► test: every row (or eval_rows of them); only ``test`` / ``recovery`` read these
+        (no eval_source: eval_fraction of the source is held out as the test rows first)
 
     Args:
         tasks: the tasks (see :class:`tailored.tasks.Task`).
@@ -84,9 +99,10 @@ class DomainData(L.LightningDataModule):
         eval_seq_len: most prompt tokens at evaluation (k-shot prompts are longer than training ones).
         batch_size: examples per batch and process.
         response_only: instruction tasks compute the loss on the answer tokens only.
-        eval_rows: at most this many held-out rows per instruction task, sampled at random (files are often
-            sorted, e.g. by label) with :data:`HELD_OUT_SEED`, and batched by length. Shrink validation with
-            this, not ``trainer.limit_val_batches``, which would keep the shortest rows only.
+        val_rows: validation rows per instruction task, carved at random from the training rows (at most a fifth
+            of them); language-modelling tasks hold out the last ``eval_fraction`` of their training text.
+        eval_rows: at most this many test rows per instruction task (default: all), sampled at random (files are
+            often sorted, e.g. by label) with :data:`HELD_OUT_SEED`. Held-out rows are batched by length.
         eval_blocks: at most this many held-out blocks of ``seq_len`` tokens per language-modelling task, evenly
             spread over its held-out text (long documents would otherwise make validation the longest part).
         seed: seed of the training stream and of the k-shot examples (the held-out rows do not depend on it).
@@ -104,7 +120,8 @@ class DomainData(L.LightningDataModule):
         eval_seq_len: int = 1024,
         batch_size: int = 4,
         response_only: bool = True,
-        eval_rows: int = 64,
+        val_rows: int = 64,
+        eval_rows: int | None = None,
         eval_blocks: int = 256,
         seed: int = 0,
         data_dir: str | None = None,
@@ -125,7 +142,10 @@ class DomainData(L.LightningDataModule):
             )
         self.tasks, self.tokenizer_name = tasks, tokenizer
         self.seq_len, self.eval_seq_len, self.batch_size = seq_len, eval_seq_len, batch_size
+        if val_rows < 1 or (eval_rows is not None and eval_rows < 1):
+            raise ValueError(f"data.val_rows and data.eval_rows must be >= 1, got {val_rows} and {eval_rows}")
         self.response_only, self.eval_rows, self.eval_blocks, self.seed = response_only, eval_rows, eval_blocks, seed
+        self.val_rows = val_rows
         self.dynamic = dynamic
         self.reference_losses = [reference_losses[name] for name in names] if reference_losses else None
         for task in tasks:  # fail on a missing file or column now, before any model weight is loaded
@@ -137,7 +157,8 @@ class DomainData(L.LightningDataModule):
             check_model_name(tokenizer)
         self.tokenizer = None
         self.train_examples: list[list[dict]] = []
-        self.eval_items: list[list[dict]] = []
+        self.val_items: list[list[dict]] = []
+        self.eval_items: list[list[dict]] = []  # test items
         self.weights = [task.weight for task in tasks]
 
     def setup(self, stage: str) -> None:
@@ -147,10 +168,13 @@ class DomainData(L.LightningDataModule):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         for index, task in enumerate(self.tasks):
-            train_rows, eval_rows = self._split(task)
+            train_rows, test_rows = self._split(task)
+            train_rows, val_rows = self._carve_validation(task, train_rows)
             self.train_examples.append(self._encode(task, train_rows))
-            self.eval_items.append(self._encode_eval(index, task, train_rows, eval_rows))
-            for split, examples in (("training", self.train_examples[-1]), ("held-out", self.eval_items[-1])):
+            self.val_items.append(self._encode_eval(index, task, train_rows, val_rows))
+            self.eval_items.append(self._encode_eval(index, task, train_rows, test_rows))
+            splits = (("training", self.train_examples[-1]), ("validation", self.val_items[-1]))
+            for split, examples in (*splits, ("test", self.eval_items[-1])):
                 if not examples:
                     raise ValueError(
                         f"task {task.name!r}: its {split} split is empty after tokenisation (seq_len {self.seq_len}); "
@@ -180,11 +204,28 @@ class DomainData(L.LightningDataModule):
             rows, held_out = rows.select([]), rows
         if task.max_rows is not None:
             rows = rows.select(range(min(task.max_rows, len(rows))))
-        if not language_modeling and len(held_out) > self.eval_rows:  # text is capped in blocks (eval_blocks)
+        capped = self.eval_rows is not None and len(held_out) > self.eval_rows
+        if not language_modeling and capped:  # text is capped in blocks (eval_blocks)
             held_out = held_out.shuffle(seed=HELD_OUT_SEED).select(range(self.eval_rows))
         if task.shots > len(rows):
             raise ValueError(f"task {task.name!r}: {task.shots} shots but only {len(rows)} training rows")
         return rows, held_out
+
+    def _carve_validation(self, task: Task, rows):
+        """(training rows, validation rows): validation taken out of the training rows, never trained on."""
+        size = min(self.val_rows, len(rows) // 5) if task.kind != "language_modeling" else len(rows) // 10
+        if size == 0:  # too few rows to spare any: setup reports the empty validation split
+            return rows, rows.select([])
+        if task.kind == "language_modeling":  # contiguous text: the end of the training part
+            cut = len(rows) - size
+            return rows.select(range(cut)), rows.select(range(cut, len(rows)))
+        split = rows.train_test_split(test_size=size, seed=HELD_OUT_SEED + 1)
+        return split["train"], split["test"]
+
+    def calibration_loader(self, batches: int) -> Iterable[dict[str, torch.Tensor]]:
+        """``batches`` training batches from a stream of another seed (importance scores are computed on them)."""
+        stream = MixtureStream(self.train_examples, list(self.weights), self.seed + CALIBRATION_SEED_OFFSET)
+        return itertools.islice(DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate), batches)
 
     def _encode(self, task: Task, rows) -> list[dict]:
         if task.kind == "language_modeling":
@@ -232,13 +273,15 @@ class DomainData(L.LightningDataModule):
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate)
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task, in task order (``dataloader_idx`` = task index); see :meth:`collate_eval`."""
-        return [
-            DataLoader(items, batch_size=self.batch_size, collate_fn=self.collate_eval) for items in self.eval_items
-        ]
+        """One loader per task over its validation rows, in task order (``dataloader_idx`` = task index)."""
+        return self._loaders(self.val_items)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+        """One loader per task over its test rows; see :meth:`collate_eval`."""
+        return self._loaders(self.eval_items)
+
+    def _loaders(self, items_per_task: list[list[dict]]) -> list[DataLoader]:
+        return [DataLoader(items, batch_size=self.batch_size, collate_fn=self.collate_eval) for items in items_per_task]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ``[B, T]``; padding carries no loss."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import ROUGEScore
+from torchmetrics import CatMetric, MeanMetric, Metric
+from torchmetrics.functional.text.rouge import rouge_score
 
-from tailored.tasks import Task
+from tailored.tasks import IGNORE_INDEX, Task
 
 PRIMARY_METRIC = {
     "classification": "accuracy",
@@ -33,40 +33,91 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 class TaskMetrics(nn.Module):
-    """The metric states of one task (synchronised across processes by torchmetrics)."""
+    """The metric states of one task (synchronised across processes by torchmetrics).
+
+    Besides each aggregate, the per-row values are kept (``CatMetric``), so every figure comes with a bootstrap
+    standard error over the rows (:func:`bootstrap_stderr`): two models compared on the same rows differ
+    meaningfully only by more than a few of these.
+    """
 
     def __init__(self, task: Task) -> None:
         super().__init__()
         self.kind = task.kind
         self.loss = MeanMetric()
+        self.row_nll, self.row_tokens = CatMetric(), CatMetric()  # per row: summed loss, tokens
         if task.kind in ("classification", "multiple_choice"):
-            self.accuracy = MulticlassAccuracy(num_classes=len(task.choices), average="micro")
-            self.accuracy_norm = MulticlassAccuracy(num_classes=len(task.choices), average="micro")
+            self.correct, self.correct_norm = CatMetric(), CatMetric()  # per row: 1 when the right option wins
         if task.kind == "generation":
-            self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
+            self.rouge = nn.ModuleDict({key: CatMetric() for key in ROUGE_KEYS})  # per row F1
 
     def compute(self) -> dict[str, float]:
+        """Every metric, and ``<metric>_stderr`` where per-row values were recorded."""
         loss = float(self.loss.compute())
         results = {"loss": loss}
         if self.kind == "language_modeling":
             results["perplexity"] = math.exp(loss)
-        if hasattr(self, "accuracy"):
-            results["accuracy"] = float(self.accuracy.compute())
-            results["accuracy_norm"] = float(self.accuracy_norm.compute())
+        rows = {}
+        if self.row_tokens.update_count:
+            nll, tokens = self.row_nll.compute().double().flatten(), self.row_tokens.compute().double().flatten()
+            results["loss_stderr"] = bootstrap_stderr(lambda n, t: n.sum(-1) / t.sum(-1), nll, tokens)
+            if self.kind == "language_modeling":
+                results["perplexity_stderr"] = bootstrap_stderr(lambda n, t: (n.sum(-1) / t.sum(-1)).exp(), nll, tokens)
+        if hasattr(self, "correct"):
+            rows |= {"accuracy": self.correct, "accuracy_norm": self.correct_norm}
         if hasattr(self, "rouge"):
-            scores = self.rouge.compute()
-            results |= {key: float(scores[f"{key}_fmeasure"]) for key in ROUGE_KEYS}
+            rows |= dict(self.rouge.items())
+        for name, metric in rows.items():
+            values = metric.compute().double().flatten()
+            results[name] = float(values.mean())
+            results[f"{name}_stderr"] = bootstrap_stderr(lambda v: v.mean(-1), values)
         return results
+
+    def update_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Teacher-forced loss of a batch: ``logits [B, T, V]``, ``labels [B, T]`` (shifted as in Hugging Face)."""
+        nll, tokens = row_losses(logits, labels)
+        self.loss.update(nll.sum() / tokens.sum().clamp(min=1), weight=tokens.sum())
+        self.row_nll.update(nll)
+        self.row_tokens.update(tokens)
 
     def update_options(self, scores: torch.Tensor, option_lengths: torch.Tensor, labels: torch.Tensor) -> None:
         """Count the chosen options: ``scores [B, n]`` summed log-likelihoods, ``option_lengths [B * n]`` tokens,
         ``labels [B]``."""
-        self.accuracy.update(scores.argmax(-1), labels)
-        self.accuracy_norm.update((scores / option_lengths.view_as(scores)).argmax(-1), labels)
+        self.correct.update((scores.argmax(-1) == labels).float())
+        self.correct_norm.update(((scores / option_lengths.view_as(scores)).argmax(-1) == labels).float())
+
+    def update_answers(self, answers: list[str], references: list[str]) -> None:
+        """ROUGE F1 of each generated answer against its reference."""
+        for answer, reference in zip(answers, references, strict=True):
+            scores = rouge_score(answer, reference, rouge_keys=ROUGE_KEYS)
+            for key in ROUGE_KEYS:
+                self.rouge[key].update(scores[f"{key}_fmeasure"].reshape(1).float())
 
     def reset(self) -> None:
-        for metric in self.children():
-            metric.reset()
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed next-token loss and the number of counted tokens, ``[B]`` each (float32)."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    return nll.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
+
+
+def bootstrap_stderr(statistic, *columns: torch.Tensor, resamples: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of ``statistic`` over rows (Efron & Tibshirani 1993, ch. 6).
+
+    ``columns`` are ``[N]`` per-row values; ``statistic`` maps ``[R, N]`` resampled columns to ``[R]`` values.
+    The resampling is seeded, so the same rows give the same error.
+    """
+    n = len(columns[0])
+    if n < 2:
+        return float("nan")
+    index = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    return float(statistic(*(column[index] for column in columns)).std())
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

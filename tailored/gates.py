@@ -36,6 +36,9 @@ from tailored.structure import GateValues, ModelStructure, parameter_count, unit
 from tailored.targets import SparsityTarget, constraint_values, final_gates, rounded_gates
 
 UNIT_TYPES = ("groups", "channels", "attn", "mlp", "layers", "hidden")
+TIE_BREAK = 1e-3
+"""Weight of the importance prior in the final ranking: it only orders units whose logits are (nearly) equal, such
+as units parked at the clamp floor, which would otherwise be chosen by index."""
 """Names of the unit types, as in :class:`tailored.structure.GateValues`."""
 LOGIT_SOURCES = ("direct", "generator")
 
@@ -91,7 +94,10 @@ class PruningGates(nn.Module):
         self.lambda_2 = nn.Parameter(torch.full((constraints,), float(penalty_init)))
         for name, shape in shapes.items():
             self.register_buffer(f"frozen_{name}", torch.ones(shape))
+        for name in self.prune:  # importance ranks in [0, 1] (1: most important); 0 without a prior
+            self.register_buffer(f"prior_{name}", torch.zeros(shapes[name]))
         self.register_buffer("is_frozen", torch.tensor(False))
+        self.init_log_alpha = init_log_alpha
 
     def _ones(self) -> GateValues:
         return GateValues.ones(self.structure)
@@ -101,6 +107,27 @@ class PruningGates(nn.Module):
         if hasattr(self, "log_alpha"):
             return dict(self.log_alpha.items())
         return self.generator()
+
+    @torch.no_grad()
+    def init_from_scores(self, scores: GateValues, spread: float = 4.0) -> None:
+        """Start every pruned unit's logit from its importance rank (METHOD.md section 13).
+
+        Per layer for groups and channels, model-wide for the other types, units are ranked by ``scores``; the rank
+        fraction ``r`` (1 = highest score) sets ``log_alpha = init_log_alpha - spread * (1 - r)``, so the keep
+        probabilities are ordered as the scores while the best units start where a constant init would. The ranks
+        are kept as the prior that breaks ties in the final top-k. With the generator, its output biases take these
+        values.
+        """
+        for name in self.prune:
+            rank = rank_fraction(getattr(scores, name).to(getattr(self, f"prior_{name}").device))
+            getattr(self, f"prior_{name}").copy_(rank)
+            logits = self.init_log_alpha - spread * (1 - rank)
+            target = self.log_alpha[name] if hasattr(self, "log_alpha") else self.generator.biases[name]
+            target.copy_(logits)
+
+    def ranking_logits(self) -> dict[str, torch.Tensor]:
+        """The gate logits with the importance prior added at weight :data:`TIE_BREAK`: what the top-k ranks by."""
+        return {name: value + TIE_BREAK * getattr(self, f"prior_{name}") for name, value in self.log_alphas().items()}
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -154,7 +181,7 @@ class PruningGates(nn.Module):
             which surgery folds into the weights; kept hidden dims hold exactly 1 (a tied ``lm_head`` reads the
             same embedding columns, so a soft hidden value could not be folded into both).
         """
-        log_alphas = self.log_alphas()
+        log_alphas = self.ranking_logits()
         gates = rounded_gates(log_alphas, self.keep_probabilities(), self.prune)
         for name, count in (kept or {}).items():
             values = (
@@ -168,7 +195,7 @@ class PruningGates(nn.Module):
         """Deterministic gates that meet the target exactly (:func:`tailored.targets.final_gates`)."""
         if self.target is None:
             raise RuntimeError("these gates have no sparsity target")
-        return final_gates(self.target, self.structure, self.log_alphas(), self.keep_probabilities())
+        return final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities())
 
     @torch.no_grad()
     def freeze(self, gates: GateValues) -> None:
@@ -180,3 +207,12 @@ class PruningGates(nn.Module):
     def frozen(self) -> GateValues:
         """The gates fixed by :meth:`freeze`."""
         return GateValues(**{name: getattr(self, f"frozen_{name}") for name in UNIT_TYPES})
+
+
+def rank_fraction(scores: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank within its row (the last dim) scaled to [0, 1]: 0 for the lowest score, 1 for the highest."""
+    n = scores.shape[-1]
+    order = torch.argsort(scores, dim=-1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    return rank.float() / max(n - 1, 1)

@@ -24,18 +24,24 @@ import lightning as L
 import torch
 from peft import LoraConfig, get_peft_model
 
+from tailored.distill import DistillSettings, distillation_loss
 from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods
 from tailored.export import pruning_report, save_pruned
 from tailored.gates import PruningGates
+from tailored.importance import CRITERIA, unit_scores
 from tailored.masking import GateHooks
 from tailored.models import check_model_name, load_config, load_model, load_tokenizer
 from tailored.prune import prune_model
+from tailored.shapes import shape_gates
 from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
 from tailored.targets import SparsityTarget, prunable_fraction, resolve_target
 from tailored.tasks import IGNORE_INDEX
+from tailored.transition import lora_state, prune_now
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("warmup", "control", "recovery")
+METHODS = ("one_stage", *CRITERIA)
+"""one_stage: gates learned while tuning; taylor/magnitude/random: two-stage baselines (score, prune, tune)."""
 
 
 @dataclass
@@ -76,6 +82,19 @@ class PruningSettings:
     """Initial gate logit (5: every unit kept with probability ~0.999)."""
     penalty_init: float = 100.0
     """Initial quadratic multiplier lambda_2: damps the approach to the target in short runs (0 in CoFi/Sheared)."""
+    method: str = "one_stage"
+    """one_stage (learn the gates while tuning), or a two-stage baseline: taylor, magnitude or random scores
+    prune the model once at step 0 to the target shape, then LoRA tunes the smaller model for every step."""
+    importance: str | None = "taylor"
+    """one_stage: initialise the gate logits from these scores (taylor, magnitude, random), null for a constant."""
+    importance_spread: float = 4.0
+    """one_stage with importance: logits start from init_log_alpha (best unit of a layer) down to
+    init_log_alpha - spread (worst), in the order of the scores."""
+    calibration_batches: int = 8
+    """Training batches that taylor scores are computed on (drawn from the stream with another seed)."""
+    prune_at_recovery: bool = True
+    """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
+    (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.units) - {"groups", "channels", "hidden", "layers", "attn", "mlp"})
@@ -86,6 +105,23 @@ class PruningSettings:
         for name in ("warmup", "recovery"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"pruning.{name} is a fraction of steps in [0, 1), got {getattr(self, name)}")
+        if self.method not in METHODS:
+            raise ValueError(f"pruning.method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method != "one_stage" and not self.uniform:
+            raise ValueError(f"pruning.method {self.method} prunes to a uniform target shape; set uniform: true")
+        if self.importance is not None and self.importance not in CRITERIA:
+            raise ValueError(
+                f"pruning.importance must be one of {', '.join(CRITERIA)} or null, got {self.importance!r}"
+            )
+        if self.calibration_batches < 1:
+            raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.importance_spread < 0:
+            raise ValueError(f"pruning.importance_spread must be >= 0, got {self.importance_spread}")
+
+    @property
+    def two_stage(self) -> bool:
+        """A baseline that prunes at step 0 (no gates are learned)."""
+        return self.method != "one_stage"
 
 
 @dataclass
@@ -95,7 +131,9 @@ class OptimizerSettings:
     lora_lr: float = 1e-4
     """LoRA adapters."""
     gates_lr: float = 0.5
-    """Gate logits (direct) or the generator (ATP uses 1e-3 for its generator)."""
+    """Direct gate logits (one parameter per unit)."""
+    generator_lr: float = 1e-3
+    """The decision generator's weights (pruning.logits: generator; ATP trains its generator with 1e-3)."""
     multipliers_lr: float = 0.05
     """Lagrange multipliers (gradient ascent); keep it well below gates_lr so the gates can follow."""
     weight_decay: float = 0.0
@@ -111,6 +149,7 @@ class TailoredModule(L.LightningModule):
         lora: LoRA settings.
         pruning: pruning settings; null trains plain LoRA.
         optimizer: learning rates.
+        distill: distillation from the dense model (gates off); null trains on the LM loss alone.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
     """
 
@@ -121,12 +160,14 @@ class TailoredModule(L.LightningModule):
         lora: LoraSettings | None = None,
         pruning: PruningSettings | None = None,
         optimizer: OptimizerSettings | None = None,
+        distill: DistillSettings | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.lora_settings = lora or LoraSettings()
         self.pruning_settings = pruning
         self.optimizer_settings = optimizer or OptimizerSettings()
+        self.distill_settings = distill
         unknown_targets = sorted(set(self.lora_settings.targets) - set(PROJECTIONS))
         if unknown_targets:
             raise ValueError(f"lora.targets {unknown_targets} are not projections; choose from {PROJECTIONS}")
@@ -150,6 +191,8 @@ class TailoredModule(L.LightningModule):
         self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
         self.resumed_random_state: dict | None = None  # torch RNG state of that checkpoint
         self.held_out_gates: GateValues | None = None  # gates of the current validation/test epoch
+        self.transition: dict | None = None  # what went into the "prune now" transition, once it happened
+        self.teacher = None  # after the transition, with distillation: the dense model the student came from
 
     def setup(self, stage: str) -> None:
         """The metrics of every task of the datamodule (validation and test)."""
@@ -168,11 +211,7 @@ class TailoredModule(L.LightningModule):
         if self.gradient_checkpointing:
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
-        settings = self.lora_settings
-        config = LoraConfig(
-            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=settings.targets
-        )
-        self.model = get_peft_model(base, config)
+        self.model = get_peft_model(base, self.lora_config())
         self.structure = describe(self.model)
         if self.target is not None:
             pruning = self.pruning_settings
@@ -186,10 +225,61 @@ class TailoredModule(L.LightningModule):
             ).to(self.device)
             self.hooks = GateHooks(self.model)
 
+    def lora_config(self) -> LoraConfig:
+        settings = self.lora_settings
+        return LoraConfig(
+            r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=settings.targets
+        )
+
+    # ---- prune now (tailored.transition) ---------------------------------------------------------------------
+
+    @property
+    def pruned_now(self) -> bool:
+        """The model is the physically pruned one (the transition happened)."""
+        return self.transition is not None
+
+    def prune_now(self, step: int, adapters: dict | None = None) -> None:
+        """Replace the masked model by the smaller model it computes under the frozen gates, with fresh LoRA.
+
+        ``adapters`` (a resumed run) are the LoRA tensors the model had when the transition happened. With
+        distillation the dense model stays as the teacher; otherwise it is freed.
+        """
+        if adapters is not None:
+            self.model.load_state_dict(adapters, strict=False)
+        gates = self.gates.frozen()
+        self.transition = {
+            "step": step,
+            "adapters": lora_state(self.model),
+            "gates": {name: value.detach().cpu().clone() for name, value in gates.items()},
+        }
+        pruned = prune_now(self.model, gates, self.lora_config(), self.gradient_checkpointing)
+        self.hooks.remove()
+        dense, self.model = self.model, pruned
+        if self.distill_settings is not None:
+            self.teacher = dense.requires_grad_(False)
+        else:
+            del dense
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.optimizers:
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the optimiser now tunes the new adapters
+
+    @torch.no_grad()
+    def importance_scores(self, criterion: str) -> GateValues:
+        """Scores of every unit under ``criterion`` (taylor: on ``calibration_batches`` training batches)."""
+        batches = []
+        if criterion == "taylor":
+            data = self.trainer.datamodule
+            stream = iter(data.calibration_loader(self.pruning_settings.calibration_batches))
+            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in stream]
+        with torch.enable_grad():
+            scores = unit_scores(criterion, self.model, batches, seed=self.trainer.datamodule.seed)
+        return GateValues(**{name: value.to(self.device) for name, value in scores.items()})
+
     # ---- schedule --------------------------------------------------------------------------------------------
 
     def phase_bounds(self) -> tuple[int, int]:
-        """(first control step, first recovery step) for ``trainer.max_steps``."""
+        """(first control step, first recovery step) for ``trainer.max_steps``; two-stage baselines recover only."""
+        if self.pruning_settings.two_stage:
+            return 0, 0
         total = self.trainer.max_steps
         recovery_start = round((1 - self.pruning_settings.recovery) * total)
         return round(self.pruning_settings.warmup * recovery_start), recovery_start
@@ -205,8 +295,16 @@ class TailoredModule(L.LightningModule):
             self.resumed_random_state = None
 
     def on_fit_start(self) -> None:
+        """Checks; then, on a fresh run, importance scores: the gates' prior (one-stage) or the baseline's pruning."""
         if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
             raise ValueError("set trainer.max_steps: the pruning phases are scheduled over a fixed number of steps")
+        settings = self.pruning_settings
+        swaps_model = settings is not None and (settings.two_stage or settings.prune_at_recovery)
+        if swaps_model and self.trainer.world_size > 1:
+            raise ValueError(
+                "pruning.method baselines and pruning.prune_at_recovery swap in the pruned model mid-run, which works "
+                "on one process only for now; train on one device, or set pruning.prune_at_recovery false (one_stage)"
+            )
         data = self.trainer.datamodule
         if data.dynamic and data.reference_losses is None:
             data.reference_losses = self.dense_losses()
@@ -214,30 +312,58 @@ class TailoredModule(L.LightningModule):
                 "dynamic batch loading, dense reference losses:",
                 dict(zip([t.name for t in self.tasks], data.reference_losses, strict=True)),
             )
+        if settings is None or self.checkpoint_step > 0 or self.pruned_now or self.gates.is_frozen:
+            return
+        if settings.two_stage:  # prune once, to the target shape, by the baseline's scores
+            scores = self.importance_scores(settings.method)
+            self.gates.freeze(shape_gates(self.structure, self.target.shape, scores))
+            self.prune_now(step=0)
+        elif settings.importance is not None:
+            self.gates.init_from_scores(self.importance_scores(settings.importance), settings.importance_spread)
 
     # ---- steps -----------------------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """On the first recovery step: freeze the gates at the exact target, and maybe prune now."""
+        if self.target is None or self.phase(self.global_step) != "recovery":
+            return
+        if not self.gates.is_frozen:
+            self.log_ratios("sparsity/ratio_before_topk", self.gates.deterministic())
+            self.gates.freeze(self.gates.target_gates())
+        if self.pruning_settings.prune_at_recovery and not self.pruned_now:
+            self.prune_now(step=self.global_step)
+
     def current_gates(self) -> GateValues:
-        """Training gates: sampled while pruning, frozen during recovery (freezing them on the first such step)."""
-        if self.phase(self.global_step) == "recovery":
-            if not self.gates.is_frozen:
-                self.log_ratios("sparsity/ratio_before_topk", self.gates.deterministic())
-                self.gates.freeze(self.gates.target_gates())
-            return self.gates.frozen()
-        return self.gates.sample()
+        """Training gates: sampled while pruning, frozen during recovery."""
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.sample()
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of the dense teacher (gates off): before the transition the model itself, after it
+        the dense model kept aside; adapters off for the ``base`` teacher (and for plain LoRA runs)."""
+        teacher = self.teacher if self.teacher is not None else self.model
+        adapters_off = self.distill_settings.teacher == "base" or self.target is None
+        with teacher.disable_adapter() if adapters_off else nullcontext():
+            return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def evaluation_gates(self) -> GateValues:
         """Frozen gates once recovery began; before that, the rounded expected counts (no forcing)."""
         return self.gates.frozen() if self.gates.is_frozen else self.gates.deterministic()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        teacher_logits = None if self.distill_settings is None else self.teacher_logits(batch)
+        if self.target is not None and not self.pruned_now:
+            self.hooks.activate(self.current_gates())  # until on_after_backward: checkpointing re-runs the forward
+        output = self.model(**batch)
+        lm_loss = loss = output.loss
+        if teacher_logits is not None:
+            settings = self.distill_settings
+            distill = distillation_loss(output.logits, teacher_logits, batch["labels"], settings.temperature)
+            loss = (1 - settings.weight) * lm_loss + settings.weight * distill
+            self.log("train/distill_loss", distill)
         if self.target is None:
-            loss = self.model(**batch).loss
             self.log("train/loss", loss, prog_bar=True)
             return loss
-        self.hooks.activate(self.current_gates())  # until on_after_backward: checkpointing re-runs the forward
-        lm_loss = self.model(**batch).loss
-        loss = lm_loss
         phase = self.phase(self.global_step)
         if phase == "recovery":  # DDP needs a gradient for every trainable parameter; on_after_backward drops it
             loss = loss + 0.0 * sum(parameter.sum() for parameter in self.gates.parameters())
@@ -280,32 +406,32 @@ class TailoredModule(L.LightningModule):
             for parameter in self.gates.parameters():
                 parameter.grad = None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step, then the logit clamp: before any callback (a checkpoint) sees the parameters."""
+        super().optimizer_step(*args, **kwargs)
         if self.target is not None:
             self.gates.clamp_()
 
     def on_validation_epoch_start(self) -> None:
-        self.held_out_gates = None if self.target is None else self.evaluation_gates()
+        self.held_out_gates = None if self.target is None or self.pruned_now else self.evaluation_gates()
 
     def on_test_epoch_start(self) -> None:
         """Test evaluates the model that export would save (:meth:`final_gates`)."""
-        self.held_out_gates = None if self.target is None else self.final_gates()
+        self.held_out_gates = None if self.target is None or self.pruned_now else self.final_gates()
 
     def _evaluation_step(self, batch: dict, dataloader_idx: int) -> None:
         """One held-out batch under :attr:`held_out_gates` (the dense model when None), set once per epoch."""
         task, metrics = self.tasks[dataloader_idx], self.task_metrics[dataloader_idx]
         with nullcontext() if self.held_out_gates is None else self.hooks.applied(self.held_out_gates):
-            loss = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            ).loss
-            metrics.loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            metrics.update_loss(logits, batch["labels"])
             if "option_input_ids" in batch:
                 scores = option_log_likelihoods(self.model, batch)
                 metrics.update_options(scores, batch["option_lengths"], batch["label"])
             if "references" in batch:
                 tokenizer = self.trainer.datamodule.tokenizer
                 answers = greedy_answers(self.model, batch, tokenizer, task.max_new_tokens, task.stop)
-                metrics.rouge.update(answers, batch["references"])
+                metrics.update_answers(answers, batch["references"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step(batch, dataloader_idx)
@@ -367,7 +493,8 @@ class TailoredModule(L.LightningModule):
         if self.target is not None:
             multipliers = [self.gates.lambda_1, self.gates.lambda_2]
             gate_params = [p for name, p in self.gates.named_parameters() if not name.startswith("lambda_")]
-            groups.append({"name": "gates", "params": gate_params, "lr": settings.gates_lr, "weight_decay": 0.0})
+            gates_lr = settings.generator_lr if self.pruning_settings.logits == "generator" else settings.gates_lr
+            groups.append({"name": "gates", "params": gate_params, "lr": gates_lr, "weight_decay": 0.0})
             groups.append(
                 {"name": "multipliers", "params": multipliers, "lr": settings.multipliers_lr, "weight_decay": 0.0}
             )
@@ -393,6 +520,7 @@ class TailoredModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["tailored_structure"] = asdict(self.structure)
         checkpoint["tailored_rng"] = random_state()
+        checkpoint["tailored_transition"] = self.transition
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Build the model first (load_from_checkpoint does not), then check the checkpoint fits it."""
@@ -405,6 +533,10 @@ class TailoredModule(L.LightningModule):
                 f"the checkpoint was written for a model of structure {saved}, but {self.model_name} has "
                 f"{asdict(self.structure)}; resume with the model the run started with"
             )
+        transition = checkpoint.get("tailored_transition")
+        if transition is not None and not self.pruned_now:  # replay the transition: the same pruned model again
+            self.gates.freeze(GateValues(**transition["gates"]))
+            self.prune_now(transition["step"], adapters=transition["adapters"])
         expected, found = self.trainable_state_keys(), set(checkpoint["state_dict"])
         if expected != found:
             missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
@@ -425,9 +557,13 @@ class TailoredModule(L.LightningModule):
     def export(self, path: str | Path, overwrite: bool = False) -> dict:
         """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
         gates = self.final_gates().map(lambda value: value.detach().float())
-        pruned = prune_model(self.model, gates)
+        if self.pruned_now:  # already pruned: merge the adapters only
+            pruned = prune_model(self.model, GateValues.ones(describe(self.model)))
+        else:
+            pruned = prune_model(self.model, gates)
         report = pruning_report(self.structure, gates, source=self.model_name)
         if self.target is not None:
+            report["method"] = self.pruning_settings.method
             report["target"] = {
                 "fraction_of_prunable": self.target.fraction,
                 "shape": asdict(self.target.shape) if self.target.shape else None,

@@ -112,7 +112,7 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(task_files, tiny_
 def test_rouge_of_known_strings():
     metrics = TaskMetrics(Task("s", "x.jsonl", "generation", prompt="{a}", answer="{b}"))
     metrics.loss.update(torch.tensor(1.0))
-    metrics.rouge.update(["the cat sat"], ["the cat ran"])
+    metrics.update_answers(["the cat sat"], ["the cat ran"])
     results = metrics.compute()
     # unigrams 2 of 3 shared; bigrams 1 of 2 ("the cat"); longest common subsequence "the cat" = 2 of 3
     assert results["rouge1"] == pytest.approx(2 / 3, abs=1e-4)
@@ -165,6 +165,7 @@ def test_k_shot_prompts_are_solved_training_rows_chosen_by_seed(task_files, tiny
     assert [item["prompt_ids"] for item in first.eval_items[0]] != [i["prompt_ids"] for i in other_seed.eval_items[0]]
     task = first.tasks[0]
     train_rows, held_out = first._split(task)
+    train_rows, _ = first._carve_validation(task, train_rows)  # shots come from the rows that are trained on
     shots = first.shots_for(0, 0, train_rows)
     assert len(shots) == 2 and all(shot in list(train_rows) for shot in shots)
     expected = f"{shots[0]['q']} w10 {shots[0]['a']}\n\n{shots[1]['q']} w10 {shots[1]['a']}\n\n{held_out[0]['q']} w10"
@@ -281,9 +282,11 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     path.write_text(yaml.safe_dump(config))
     run(["test", "-c", str(path)])
     results = json.loads(next((tmp_path / "run").rglob("test_results.json")).read_text())
-    assert set(results["classify"]) == {"loss", "accuracy", "accuracy_norm"}
-    assert set(results["summarise"]) == {"loss", "rouge1", "rouge2", "rougeL"}
-    assert set(results["words"]) == {"loss", "perplexity"}
+    metrics = {"classify": {"accuracy", "accuracy_norm"}, "summarise": {"rouge1", "rouge2", "rougeL"}}
+    metrics["words"] = {"perplexity"}
+    for task, names in metrics.items():  # every figure with its bootstrap standard error
+        assert set(results[task]) == {name + suffix for name in names | {"loss"} for suffix in ("", "_stderr")}
+        assert all(results[task][f"{name}_stderr"] > 0 for name in names | {"loss"})
 
     written = sorted((tmp_path / "run").rglob("*"))
     for _ in range(2):  # a second recovery on the same config works as well

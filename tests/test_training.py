@@ -151,7 +151,12 @@ def test_two_processes_train_the_same_gates_and_export_once(tmp_path, tiny_model
         "enable_progress_bar": False,
         "callbacks": [{"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(record)}}],
     }
-    config = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tiny_text, trainer=trainer)
+    model = {  # the prune-now transition runs on one process only: keep tuning the masked model
+        "model": str(tiny_model_dir),
+        "pruning": {"target": TARGET, "round_to": 1, "prune_at_recovery": False},
+        "optimizer": {"lora_lr": 0.001},
+    }
+    config = write_config(tmp_path / "ddp.yaml", tiny_model_dir, tiny_text, trainer=trainer, model=model)
     env = os.environ | {"PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "tailored.cli", "fit", "-c", str(config)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
