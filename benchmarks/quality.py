@@ -1,0 +1,181 @@
+"""Pruning methods side by side: the same model, data, LoRA and token budget; held-out test rows; standard errors.
+
+Each cell is one ``tailored fit`` (method, kept fraction, distillation) on a suite's config, then ``tailored test``
+of its export on the suite's test rows. Cells are written to ``<out>/quality-<suite>/cells/<cell>.json`` as they
+finish and are not re-run (kill the script at any time; run it again to continue). After every cell the tables
+``<out>/quality-<suite>.md`` and ``.json`` are rewritten with what is done so far::
+
+    python benchmarks/quality.py --suite medical                      # every method at kept 0.7 and 0.5
+    python benchmarks/quality.py --suite quickstart --budgets 0.7 --methods lora one_stage taylor
+
+Methods: ``dense`` (no tuning), ``lora`` (the dense model LoRA-tuned: the 100% reference), ``one_stage`` (gates
+learned while tuning, the config's settings), ``taylor``, ``magnitude``, ``random`` (two-stage: prune at step 0,
+then tune). ``--distill`` runs the pruned methods with distillation from the dense teacher as well.
+
+``pct_of_tuned`` is each task's primary metric as a percentage of the LoRA-tuned model's (perplexity inverted:
+lower is better); its standard error combines the two bootstrap errors as if independent (the rows are shared,
+so this overstates it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = {
+    "medical": {"config": "configs/medical.yaml", "tasks": {"pubmedqa": "accuracy", "hqs": "rougeL"}},
+    "legal": {"config": "configs/legal.yaml", "tasks": {"casehold": "accuracy", "billsum": "rougeL"}},
+    "quickstart": {"config": "configs/quickstart.yaml", "tasks": {"botchan": "perplexity"}},
+}
+PRUNED_METHODS = ("one_stage", "taylor", "magnitude", "random")
+
+
+def cell_name(method: str, kept: float | None, distill: bool) -> str:
+    return method if kept is None else f"{method}-{kept:g}" + ("-distill" if distill else "")
+
+
+def tailored(*args: str, log: Path) -> None:
+    """Run the ``tailored`` command, appending its output to ``log``; raise if it fails."""
+    with log.open("a") as stream:
+        stream.write(f"\n$ tailored {' '.join(args)}\n")
+        stream.flush()
+        done = subprocess.run([sys.executable, "-m", "tailored.cli", *args], stdout=stream, stderr=stream, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"tailored {args[0]} failed (exit {done.returncode}); see {log}")
+
+
+def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder: Path, extra: list[str]) -> dict:
+    """Fit (unless dense) and test one cell; return its row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "log.txt"
+    config = ["-c", suite["config"], *extra]
+    seconds, model, report = 0.0, None, {}
+    if method != "dense":
+        options = ["--trainer.default_root_dir", str(folder / "fit"), "--trainer.limit_val_batches", "0"]
+        if method == "lora":
+            options += ["--model.pruning", "null"]
+        else:
+            options += ["--model.pruning.target", str(kept), "--model.pruning.method", method]
+        if distill:
+            options += ["--model.distill.weight", str(ARGS.distill_weight)]
+        else:
+            options += ["--model.distill", "null"]
+        start = time.monotonic()
+        tailored("fit", *config, *options, log=log)
+        seconds = time.monotonic() - start
+        export = max((folder / "fit" / "lightning_logs").glob("version_*/export"))
+        model = str(export)
+        report = json.loads((export / "pruning_report.json").read_text())
+    test = ["--trainer.default_root_dir", str(folder / "test"), "--model.pruning", "null"]
+    if model is not None:
+        test += ["--model.model", model]
+    tailored("test", *config, *test, log=log)
+    results = json.loads(max((folder / "test").rglob("test_results.json")).read_text())
+    tasks = {
+        task: {"metric": metric, "value": results[task][metric], "stderr": results[task][f"{metric}_stderr"]}
+        for task, metric in suite["tasks"].items()
+    }
+    return {
+        "method": method,
+        "kept_fraction": kept if kept is not None else 1.0,
+        "distill": distill,
+        "tasks": tasks,
+        "parameters": report.get("parameters", {}).get("after"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
+    """(value as % of the reference's, its standard error); perplexity inverted."""
+    mine, ref = row["tasks"][task], reference["tasks"][task]
+    if mine["metric"] == "perplexity":
+        value = 100 * ref["value"] / mine["value"]
+    else:
+        value = 100 * mine["value"] / ref["value"] if ref["value"] else float("nan")
+    relative = math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
+    return value, value * relative
+
+
+def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, str]:
+    """The JSON document and the Markdown table of the finished rows."""
+    reference = next((row for row in rows if row["method"] == "lora"), None)
+    for row in rows:
+        if reference is None:
+            break
+        shares = {task: share(row, reference, task) for task in row["tasks"]}
+        row["pct_of_tuned"] = {task: value for task, (value, _) in shares.items()}
+        row["pct_of_tuned_stderr"] = {task: error for task, (_, error) in shares.items()}
+        values = [value for value, _ in shares.values()]
+        row["pct_of_tuned_avg"] = sum(values) / len(values)
+        row["pct_of_tuned_avg_stderr"] = math.sqrt(sum(e**2 for _, e in shares.values())) / len(values)
+    tasks = list(SUITES[suite_name]["tasks"].items())
+    columns = ["method", "kept", "distill", *(f"{task} {metric}" for task, metric in tasks)]
+    columns += ["% of tuned (avg)", "parameters", "fit s"]
+    lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in sorted(rows, key=lambda r: (-r["kept_fraction"], r["method"], r["distill"])):
+        cells = [row["method"], f"{row['kept_fraction']:g}", "yes" if row["distill"] else ""]
+        cells += [f"{row['tasks'][t]['value']:.4g} ± {row['tasks'][t]['stderr']:.2g}" for t, _ in tasks]
+        average = row.get("pct_of_tuned_avg")
+        cells.append("" if average is None else f"{average:.1f} ± {row['pct_of_tuned_avg_stderr']:.1f}")
+        cells += [f"{row['parameters']:,}" if row["parameters"] else "", f"{row['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return {"header": header, "rows": rows}, "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    out = ARGS.out / f"quality-{ARGS.suite}"
+    cells_dir = out / "cells"
+    suite = SUITES[ARGS.suite]
+    plan = [(method, None, False) for method in ARGS.methods if method in ("dense", "lora")]
+    for kept in ARGS.budgets:
+        for method in ARGS.methods:
+            if method in PRUNED_METHODS:
+                plan += [(method, kept, False)] + ([(method, kept, True)] if ARGS.distill else [])
+    header = [
+        f"# Quality: {ARGS.suite} suite",
+        "",
+        f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
+        f"Config: `{suite['config']}` {' '.join(ARGS.extra)}  ",
+        f"Versions: tailored {version('tailored')}, torch {version('torch')}, transformers {version('transformers')}, "
+        f"peft {version('peft')}, lightning {version('lightning')}  ",
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}  ",
+        "Values: test-row metric ± bootstrap standard error; % of tuned: share of the LoRA-tuned dense model's.",
+    ]
+    for method, kept, distill in plan:
+        name = cell_name(method, kept, distill)
+        path = cells_dir / f"{name}.json"
+        if not path.is_file():
+            print(f"running {name}", flush=True)
+            row = run_cell(suite, method, kept, distill, ARGS.runs / ARGS.suite / name, ARGS.extra)
+            cells_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=2) + "\n")
+        rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+        document, markdown = tables(rows, ARGS.suite, header)
+        (ARGS.out / f"quality-{ARGS.suite}.json").write_text(json.dumps(document, indent=2) + "\n")
+        (ARGS.out / f"quality-{ARGS.suite}.md").write_text(markdown)
+        print(f"done {name}", flush=True)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="medical")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="kept fractions of prunable")
+    parser.add_argument(
+        "--methods", nargs="+", default=["dense", "lora", *PRUNED_METHODS], choices=["dense", "lora", *PRUNED_METHODS]
+    )
+    parser.add_argument("--distill", action="store_true", help="also run each pruned method with distillation")
+    parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
+    parser.add_argument("extra", nargs="*", help="options passed to every tailored call, after --")
+    ARGS = parser.parse_args()
+    main()
