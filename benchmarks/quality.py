@@ -5,12 +5,12 @@ of its export on the suite's test rows. Cells are written to ``<out>/quality-<su
 finish and are not re-run (kill the script at any time; run it again to continue). After every cell the tables
 ``<out>/quality-<suite>.md`` and ``.json`` are rewritten with what is done so far::
 
-    python benchmarks/quality.py --suite medical                      # every method at kept 0.7 and 0.5
+    python benchmarks/quality.py --suite medical --distill one_stage  # every method at kept 0.7 and 0.5
     python benchmarks/quality.py --suite quickstart --budgets 0.7 --methods lora one_stage taylor
 
 Methods: ``dense`` (no tuning), ``lora`` (the dense model LoRA-tuned: the 100% reference), ``one_stage`` (gates
 learned while tuning, the config's settings), ``taylor``, ``magnitude``, ``random`` (two-stage: prune at step 0,
-then tune). ``--distill`` runs the pruned methods with distillation from the dense teacher as well.
+then tune). ``--distill one_stage ...`` also runs the named methods with distillation from the dense teacher.
 
 ``pct_of_tuned`` is each task's primary metric as a percentage of the LoRA-tuned model's (perplexity inverted:
 lower is better); its standard error combines the two bootstrap errors as if independent (the rows are shared,
@@ -32,7 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "medical": {"config": "configs/medical.yaml", "tasks": {"pubmedqa": "accuracy", "hqs": "rougeL"}},
-    "legal": {"config": "configs/legal.yaml", "tasks": {"casehold": "accuracy", "billsum": "rougeL"}},
+    "legal": {
+        "config": "configs/legal.yaml",
+        "tasks": {"casehold": "accuracy", "billsum": "rougeL", "multilegalpile": "perplexity"},
+    },
     "quickstart": {"config": "configs/quickstart.yaml", "tasks": {"botchan": "perplexity"}},
 }
 PRUNED_METHODS = ("one_stage", "taylor", "magnitude", "random")
@@ -138,7 +141,7 @@ def main() -> None:
     for kept in ARGS.budgets:
         for method in ARGS.methods:
             if method in PRUNED_METHODS:
-                plan += [(method, kept, False)] + ([(method, kept, True)] if ARGS.distill else [])
+                plan += [(method, kept, False)] + ([(method, kept, True)] if method in ARGS.distill else [])
     header = [
         f"# Quality: {ARGS.suite} suite",
         "",
@@ -172,7 +175,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--methods", nargs="+", default=["dense", "lora", *PRUNED_METHODS], choices=["dense", "lora", *PRUNED_METHODS]
     )
-    parser.add_argument("--distill", action="store_true", help="also run each pruned method with distillation")
+    parser.add_argument(
+        "--distill", nargs="*", default=[], choices=PRUNED_METHODS, help="also run these methods with distillation"
+    )
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")

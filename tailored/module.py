@@ -1,12 +1,17 @@
 """The LightningModule: a Hugging Face LLaMA-family model + peft LoRA + pruning gates, trained in one run.
 
-    loss = LM loss (masked model, sampled gates) + sparsity Lagrangian (tailored.gates)
+    loss = (1 - w) * LM loss + w * distillation loss (masked model, sampled gates; tailored.distill)
+           + sparsity Lagrangian (tailored.gates)
 
 One run, three phases over ``trainer.max_steps`` (METHOD.md section 7)::
 
     |── warm-up ──|──────── control ────────|──── recovery ────|
-     target ramps   gates converge to it      gates frozen at the exact target; LoRA keeps tuning
-     1 -> t
+     target ramps   gates converge to it      gates frozen at the exact target; by default the model is
+     1 -> t         (logits start from          pruned now (tailored.transition) and LoRA tunes the smaller one
+                    importance scores)
+
+The two-stage baselines (``pruning.method``: taylor, magnitude, random) recover only: importance scores
+(tailored.importance) fix the target shape's units before the first step, the model is pruned, and LoRA tunes it.
 
 Only LoRA, gate (or generator) and multiplier parameters train; the base weights stay frozen and are not
 written to checkpoints (they are reloaded from ``model`` on resume). ``pruning: null`` trains plain LoRA: the

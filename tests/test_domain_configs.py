@@ -33,6 +33,8 @@ def test_domain_config_trains_validates_exports_and_tests(suite, tmp_path, monke
         "96",
         "--data.eval_rows",
         "3",
+        "--data.val_rows",
+        "3",
         "--data.eval_blocks",
         "8",
         "--trainer.default_root_dir",
