@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -56,8 +57,9 @@ def tailored(*args: str, log: Path) -> None:
 
 
 def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder: Path, extra: list[str]) -> dict:
-    """Fit (unless dense) and test one cell; return its row."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Fit (unless dense) and test one cell, from scratch (a killed attempt's files are removed); return its row."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     log = folder / "log.txt"
     config = ["-c", suite["config"], *extra]
     seconds, model, report = 0.0, None, {}
@@ -103,6 +105,10 @@ def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
         value = 100 * ref["value"] / mine["value"]
     else:
         value = 100 * mine["value"] / ref["value"] if ref["value"] else float("nan")
+    if row is reference:
+        return value, 0.0
+    if not (mine["value"] and ref["value"]):
+        return value, float("nan")
     relative = math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
     return value, value * relative
 
@@ -183,4 +189,5 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
     parser.add_argument("extra", nargs="*", help="options passed to every tailored call, after --")
     ARGS = parser.parse_args()
+    ARGS.out, ARGS.runs = ARGS.out.resolve(), ARGS.runs.resolve()  # the tailored calls run in the repository root
     main()

@@ -126,8 +126,12 @@ class PruningGates(nn.Module):
             target.copy_(logits)
 
     def ranking_logits(self) -> dict[str, torch.Tensor]:
-        """The gate logits with the importance prior added at weight :data:`TIE_BREAK`: what the top-k ranks by."""
-        return {name: value + TIE_BREAK * getattr(self, f"prior_{name}") for name, value in self.log_alphas().items()}
+        """The gate logits with the importance prior added at weight :data:`TIE_BREAK`: what the top-k ranks by
+        (float64, so that the prior still orders thousands of units at equal logits)."""
+        return {
+            name: value.double() + TIE_BREAK * getattr(self, f"prior_{name}").double()
+            for name, value in self.log_alphas().items()
+        }
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -212,7 +216,9 @@ class PruningGates(nn.Module):
 def rank_fraction(scores: torch.Tensor) -> torch.Tensor:
     """Each entry's rank within its row (the last dim) scaled to [0, 1]: 0 for the lowest score, 1 for the highest."""
     n = scores.shape[-1]
+    if n == 1:  # a single unit is its row's best
+        return torch.ones_like(scores, dtype=torch.float32)
     order = torch.argsort(scores, dim=-1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
-    return rank.float() / max(n - 1, 1)
+    return rank.float() / (n - 1)

@@ -36,9 +36,13 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _weights(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
-    """(projection name, layer index, weight ``[out, in]``) of every projection, plus the embedding (layer -1)."""
+    """(projection name, layer index, weight ``[out, in]``) of every projection, plus the embedding and an untied
+    ``lm_head`` (both ``[V, d]``, layer -1)."""
     base = unwrap(model)
     found = [("embed", -1, base.model.embed_tokens.weight)]
+    lm_head = _base_weight(base.lm_head)
+    if lm_head is not base.model.embed_tokens.weight:
+        found.append(("embed", -1, lm_head))
     for index, layer in enumerate(base.model.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             found.append((name, index, _base_weight(getattr(layer.self_attn, name))))
@@ -62,7 +66,7 @@ class _UnitScores:
         """Add the element-wise ``scores`` of projection ``name`` of ``layer`` to its units' sums."""
         s = self.structure
         scores = scores.double()
-        if name == "embed":  # [V, d]
+        if name == "embed":  # [V, d]: embedding or lm_head
             self.hidden += scores.sum(0)
         elif name in ("q_proj", "k_proj", "v_proj"):  # [Hkv * rows_per_group, d]
             self.groups[layer] += scores.sum(1).view(s.num_kv_heads, -1).sum(1)

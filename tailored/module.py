@@ -20,6 +20,7 @@ baseline the pruned model is compared with.
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,8 @@ class PruningSettings:
     uniform: bool = True
     """Every layer ends with the same shape, so the export is a stock Hugging Face model."""
     logits: str = "direct"
-    """Gate logits: direct (one per unit) or generator (ATP's pruning-decision network)."""
+    """Gate logits: direct (one per unit, clamped to Sheared-LLaMA's range after every step) or generator (ATP's
+    pruning-decision network, trained at optimizer.generator_lr; its logits are not clamped)."""
     warmup: float = 0.3
     """Fraction of the pruning steps (warm-up + control) over which the target ramps from dense."""
     recovery: float = 0.2
@@ -250,11 +252,18 @@ class TailoredModule(L.LightningModule):
         distillation the dense model stays as the teacher; otherwise it is freed.
         """
         if adapters is not None:
+            missing = {name for name, _ in self.model.named_parameters() if "lora_" in name} - set(adapters)
+            unexpected = set(adapters) - {name for name, _ in self.model.named_parameters()}
+            if missing or unexpected:
+                raise ValueError(
+                    f"the checkpoint's pre-transition adapters do not fit this model (missing {sorted(missing)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]}); resume with the config the checkpoint was written with"
+                )
             self.model.load_state_dict(adapters, strict=False)
         gates = self.gates.frozen()
         self.transition = {
             "step": step,
-            "adapters": lora_state(self.model),
+            "adapters": {name: value.cpu() for name, value in lora_state(self.model).items()},
             "gates": {name: value.detach().cpu().clone() for name, value in gates.items()},
         }
         pruned = prune_now(self.model, gates, self.lora_config(), self.gradient_checkpointing)
@@ -348,8 +357,13 @@ class TailoredModule(L.LightningModule):
         the dense model kept aside; adapters off for the ``base`` teacher (and for plain LoRA runs)."""
         teacher = self.teacher if self.teacher is not None else self.model
         adapters_off = self.distill_settings.teacher == "base" or self.target is None
-        with teacher.disable_adapter() if adapters_off else nullcontext():
-            return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        training = teacher.training
+        teacher.eval()  # no LoRA dropout in the teacher
+        try:
+            with teacher.disable_adapter() if adapters_off else nullcontext():
+                return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            teacher.train(training)
 
     def evaluation_gates(self) -> GateValues:
         """Frozen gates once recovery began; before that, the rounded expected counts (no forcing)."""
@@ -562,8 +576,8 @@ class TailoredModule(L.LightningModule):
     def export(self, path: str | Path, overwrite: bool = False) -> dict:
         """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
         gates = self.final_gates().map(lambda value: value.detach().float())
-        if self.pruned_now:  # already pruned: merge the adapters only
-            pruned = prune_model(self.model, GateValues.ones(describe(self.model)))
+        if self.pruned_now:  # already pruned (maybe a tailored_* layout): merge the adapters into a copy
+            pruned = copy.deepcopy(self.model).merge_and_unload().eval()
         else:
             pruned = prune_model(self.model, gates)
         report = pruning_report(self.structure, gates, source=self.model_name)

@@ -35,7 +35,7 @@ def batches(seed: int = 0, count: int = 2) -> list[dict[str, torch.Tensor]]:
 
 
 def plant_dead_units(model) -> None:
-    """Zero every weight of KV group 1 of layer 0 and of MLP channel 5 of layer 1 (and of hidden dim 3)."""
+    """Zero every weight of KV group 1 of layer 0 and of MLP channel 5 of layer 1."""
     with torch.no_grad():
         attn, mlp = model.model.layers[0].self_attn, model.model.layers[1].mlp
         rows = attn.q_proj.weight.shape[0] // 2
@@ -108,8 +108,11 @@ def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise
     student = teacher + 0.5 * torch.randn(2, 6, 10, generator=generator)
     assert distillation_loss(student, teacher, labels) > 1e-3
     changed_on_the_prompt = teacher.clone()
-    changed_on_the_prompt[:, :1] += 3.0  # position 0 predicts token 1, whose label is ignored
+    changed_on_the_prompt[:, :2] += torch.randn(2, 2, 10, generator=generator)  # positions 0, 1 predict prompt tokens
     assert distillation_loss(changed_on_the_prompt, teacher, labels).abs() < 1e-6
+    changed_on_the_answer = teacher.clone()
+    changed_on_the_answer[:, 2] += torch.randn(2, 10, generator=generator)  # position 2 predicts token 3: counted
+    assert distillation_loss(changed_on_the_answer, teacher, labels) > 1e-3
 
 
 def test_prune_now_computes_what_the_masked_model_computed(tokens):
@@ -201,6 +204,23 @@ def test_resume_after_the_prune_now_transition_ends_where_an_uninterrupted_run_d
     whole = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "whole", [end]))
     assert whole.returncode == 0, whole.stderr[-2000:]
     first, second = torch.load(tmp_path / "resumed.rank0.pt"), torch.load(tmp_path / "whole.rank0.pt")
-    assert first["state"].keys() == second["state"].keys() and any("lora_A" in k for k in first["state"])
+    assert first["state"].keys() == second["state"].keys()
+    trained = [value for name, value in first["state"].items() if "lora_B" in name and "teacher" not in name]
+    assert trained and all(value.abs().sum() > 0 for value in trained)  # the new adapters were trained
     for name, value in second["state"].items():
         torch.testing.assert_close(first["state"][name], value, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_a_non_uniform_run_pruned_at_recovery_exports_what_its_gates_predict(tmp_path, tiny_model_dir, tiny_text):
+    """Layers that differ make a tailored_* model at the transition; the export merges its adapters and matches
+    the report's parameter count."""
+    from tailored.export import load_pruned
+
+    config = baseline_config(tmp_path, tiny_model_dir, tiny_text, "one_stage", "run")
+    done = fit(config, "--model.pruning.uniform", "false", "--model.distill", "null")
+    assert done.returncode == 0, done.stderr[-2000:]
+    export = next((tmp_path / "run").rglob("export"))
+    report = json.loads((export / "pruning_report.json").read_text())
+    model = load_pruned(export)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
+    assert report["method"] == "one_stage"
