@@ -131,9 +131,17 @@ def option_log_likelihoods(model: nn.Module, batch: dict) -> torch.Tensor:
 
     Sequences are left-padded prompt + option, so the options end at the last position and only the logits of the
     last ``max option length + 1`` positions are computed (``logits_to_keep``): ``[B * n, K, V]``, not ``[.., T, V]``.
+    When every option is one token, each prompt runs once and its last position scores all options (n times less).
     """
     ids, mask, lengths = batch["option_input_ids"], batch["option_attention_mask"], batch["option_lengths"]
     keep = int(lengths.max()) + 1
+    options = ids.shape[0] // len(batch["label"])
+    if keep == 2:  # one-token options (yes/no/maybe): an item's sequences differ in the last token only
+        prompts, prompt_mask = ids[::options, :-1], mask[::options, :-1]  # [B, T-1]: each prompt once
+        positions = position_ids(prompt_mask)
+        logits = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1).logits
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [B, V]
+        return log_probs.gather(-1, ids[:, -1].view(-1, options))
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, K-1, V]: predicts the last K-1 tokens
     targets = ids[:, -(keep - 1) :]
