@@ -32,7 +32,6 @@ from torch import nn
 
 from tailored import hard_concrete
 from tailored.generator import DecisionGenerator
-from tailored.shapes import full_shape
 from tailored.structure import GateValues, ModelStructure, parameter_count, unit_shapes
 from tailored.targets import SparsityTarget, constraint_values, final_gates, rounded_gates
 
@@ -196,37 +195,11 @@ class PruningGates(nn.Module):
         return gates
 
     @torch.no_grad()
-    def target_gates(self, soft: bool = True) -> GateValues:
-        """Deterministic gates that meet the target exactly (:func:`tailored.targets.final_gates`); kept units hold
-        their soft value, or 1 with ``soft=False``."""
+    def target_gates(self) -> GateValues:
+        """Deterministic gates that meet the target exactly (:func:`tailored.targets.final_gates`)."""
         if self.target is None:
             raise RuntimeError("these gates have no sparsity target")
-        return final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities(), soft)
-
-    def top_k(self, progress: float) -> GateValues:
-        """Training gates without sampling noise: in every layer exactly the current target count of the
-        highest-logit units is on (1) and the rest off (0), with the straight-through gradient of the keep
-        probabilities (Bengio et al. 2013; ATP's generator trains its hard decisions the same way)::
-
-            z = topk_mask(log_alpha, k(progress)) + (P(log_alpha) - stop_gradient(P(log_alpha)))
-
-        ``progress`` in [0, 1] moves each count from the dense model's to the target shape's. The forward is the
-        pruned model the units' ranking describes, so LoRA tunes the structure that will be kept; a unit's logit
-        moves with the loss gradient of its gate, and a pruned unit whose gradient says it is needed climbs back
-        into the top-k. Needs a uniform target shape.
-        """
-        if self.target is None or self.target.shape is None:
-            raise ValueError("top-k training gates need a uniform target shape (pruning.uniform: true)")
-        full = full_shape(self.structure)
-        logits, ranking = self.log_alphas(), self.ranking_logits()
-        gates = {}
-        for name in self.prune:
-            dense, kept = getattr(full, name), getattr(self.target.shape, name)
-            count = round(dense - progress * (dense - kept))
-            hard = hard_concrete.keep_top_k(ranking[name], torch.ones_like(logits[name]), count)
-            probability = hard_concrete.keep_probability(logits[name])
-            gates[name] = hard + (probability - probability.detach())
-        return self._fill(gates)
+        return final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities())
 
     @torch.no_grad()
     def freeze(self, gates: GateValues) -> None:

@@ -99,10 +99,6 @@ class PruningSettings:
     init_log_alpha - spread (worst), in the order of the scores."""
     calibration_batches: int = 8
     """Training batches that taylor scores are computed on (drawn from the stream with another seed)."""
-    training_gates: str = "top_k"
-    """one_stage: what the forward uses while pruning: top_k (exactly the current target count of the best units
-    per layer, 0/1, straight-through gradients; needs uniform) or sampled (hard-concrete samples, regularised by
-    the Lagrangian towards the target; CoFi / Sheared-LLaMA)."""
     prune_at_recovery: bool = True
     """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
     (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
@@ -123,12 +119,6 @@ class PruningSettings:
         if self.importance is not None and self.importance not in CRITERIA:
             raise ValueError(
                 f"pruning.importance must be one of {', '.join(CRITERIA)} or null, got {self.importance!r}"
-            )
-        if self.training_gates not in ("top_k", "sampled"):
-            raise ValueError(f"pruning.training_gates must be top_k or sampled, got {self.training_gates!r}")
-        if self.training_gates == "top_k" and not self.uniform:
-            raise ValueError(
-                "pruning.training_gates top_k keeps a uniform shape per layer; with uniform: false use sampled"
             )
         if self.calibration_batches < 1:
             raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
@@ -352,26 +342,14 @@ class TailoredModule(L.LightningModule):
         if self.target is None or self.phase(self.global_step) != "recovery":
             return
         if not self.gates.is_frozen:
-            if not self.top_k_training:  # how close the Lagrangian got on its own
-                self.log_ratios("sparsity/ratio_before_topk", self.gates.deterministic())
-            self.gates.freeze(self.gates.target_gates(soft=not self.top_k_training))
+            self.log_ratios("sparsity/ratio_before_topk", self.gates.deterministic())
+            self.gates.freeze(self.gates.target_gates())
         if self.pruning_settings.prune_at_recovery and not self.pruned_now:
             self.prune_now(step=self.global_step)
 
-    @property
-    def top_k_training(self) -> bool:
-        return self.pruning_settings.training_gates == "top_k"
-
-    def target_progress(self) -> float:
-        """How far the target has moved from dense (0) to its final value (1): linear over the warm-up."""
-        control_start, _ = self.phase_bounds()
-        return min(1.0, self.global_step / max(1, control_start))
-
     def current_gates(self) -> GateValues:
-        """Training gates: top-k or sampled while pruning, frozen during recovery."""
-        if self.gates.is_frozen:
-            return self.gates.frozen()
-        return self.gates.top_k(self.target_progress()) if self.top_k_training else self.gates.sample()
+        """Training gates: sampled while pruning, frozen during recovery."""
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.sample()
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -388,13 +366,8 @@ class TailoredModule(L.LightningModule):
             teacher.train(training)
 
     def evaluation_gates(self) -> GateValues:
-        """Frozen gates once recovery began; before that, the current top-k (top-k training) or the rounded
-        expected counts (sampled training, no forcing)."""
-        if self.gates.is_frozen:
-            return self.gates.frozen()
-        if self.top_k_training:
-            return self.gates.top_k(self.target_progress()).map(torch.detach)
-        return self.gates.deterministic()
+        """Frozen gates once recovery began; before that, the rounded expected counts (no forcing)."""
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.deterministic()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         teacher_logits = None if self.distill_settings is None else self.teacher_logits(batch)
@@ -413,10 +386,9 @@ class TailoredModule(L.LightningModule):
         phase = self.phase(self.global_step)
         if phase == "recovery":  # DDP needs a gradient for every trainable parameter; on_after_backward drops it
             loss = loss + 0.0 * sum(parameter.sum() for parameter in self.gates.parameters())
-        elif self.top_k_training:  # the count is forced: no regulariser; zero gradients keep DDP's reducer whole
-            loss = loss + 0.0 * (self.gates.lambda_1.sum() + self.gates.lambda_2.sum())
         else:
-            warmup = self.target_progress()
+            control_start, _ = self.phase_bounds()
+            warmup = min(1.0, self.global_step / max(1, control_start))
             regulariser, expected, target = self.gates.sparsity_loss(warmup)
             loss = loss + regulariser
             self.log("sparsity/regulariser", regulariser)

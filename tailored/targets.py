@@ -182,21 +182,16 @@ def rounded_gates(log_alphas: dict[str, torch.Tensor], probs: GateValues, prune:
 
 
 def final_gates(
-    target: SparsityTarget,
-    structure: ModelStructure,
-    log_alphas: dict[str, torch.Tensor],
-    probs: GateValues,
-    soft: bool = True,
+    target: SparsityTarget, structure: ModelStructure, log_alphas: dict[str, torch.Tensor], probs: GateValues
 ) -> GateValues:
     """Deterministic gates that meet the target: the target shape exactly (uniform), or the rounded counts with
     the globally most confident MLP channels chosen so the parameter count is closest to the target (non-uniform).
-    Kept units hold their soft value, or 1 with ``soft=False`` (uniform only: what top-k training gates used).
     """
     scores = probs.map(torch.ones_like)
     for name, log_alpha in log_alphas.items():
         setattr(scores, name, log_alpha)
     if target.shape is not None:
-        gates = shape_gates(structure, target.shape, scores, soft=soft)
+        gates = shape_gates(structure, target.shape, scores, soft=True)
         for name in ("groups", "channels", "hidden", "layers"):
             if name not in target.prune:
                 setattr(gates, name, torch.ones_like(getattr(gates, name)))

@@ -217,27 +217,10 @@ def test_a_non_uniform_run_pruned_at_recovery_exports_what_its_gates_predict(tmp
     from tailored.export import load_pruned
 
     config = baseline_config(tmp_path, tiny_model_dir, tiny_text, "one_stage", "run")
-    options = ["--model.pruning.uniform", "false", "--model.pruning.training_gates", "sampled"]
-    done = fit(config, *options, "--model.distill", "null")
+    done = fit(config, "--model.pruning.uniform", "false", "--model.distill", "null")
     assert done.returncode == 0, done.stderr[-2000:]
     export = next((tmp_path / "run").rglob("export"))
     report = json.loads((export / "pruning_report.json").read_text())
     model = load_pruned(export)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]["after"]
     assert report["method"] == "one_stage"
-
-
-def test_top_k_training_gates_keep_the_scheduled_count_and_pass_gradients_to_the_logits():
-    model = tiny_model(num_layers=2, num_kv_heads=2, n_rep=2, head_dim=4, intermediate_size=24)
-    structure = describe(model)
-    target = resolve_target(structure, ("groups", "channels"), 0.5, None, True, 1)
-    gates = PruningGates(structure, ("groups", "channels"), target)
-    gates.init_from_scores(GateValues(**magnitude_scores(model)))
-    for progress, channels in ((0.0, 24), (0.5, (24 + target.shape.channels) / 2), (1.0, target.shape.channels)):
-        values = gates.top_k(progress)
-        assert set(values.channels.detach().unique().tolist()) <= {0.0, 1.0}
-        assert (values.channels.detach().sum(-1) == round(channels)).all()
-    final = gates.top_k(1.0)
-    assert torch.equal(final.channels.detach(), gates.target_gates(soft=False).channels)  # what recovery freezes
-    (final.channels * torch.arange(24.0)).sum().backward()  # a loss that wants the high-index channels
-    assert gates.log_alpha["channels"].grad.abs().sum() > 0

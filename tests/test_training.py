@@ -56,14 +56,8 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir, tiny_text):
-    """One complete ``tailored fit`` of the tiny model with sampled hard-concrete gates under the Lagrangian (shared
-    by the tests below; top-k training gates are covered in test_baselines.py)."""
-    model = {
-        "model": str(tiny_model_dir),
-        "pruning": {"target": TARGET, "round_to": 1, "training_gates": "sampled"},
-        "optimizer": {"lora_lr": 0.001},
-    }
-    config = write_config(tmp_path_factory.mktemp("fit") / "tiny.yaml", tiny_model_dir, tiny_text, model=model)
+    """One complete ``tailored fit`` of the tiny model (shared by the tests below)."""
+    config = write_config(tmp_path_factory.mktemp("fit") / "tiny.yaml", tiny_model_dir, tiny_text)
     run(["fit", "-c", str(config)])
     return config, config.parent / "run"
 
