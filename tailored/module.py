@@ -99,6 +99,10 @@ class PruningSettings:
     init_log_alpha - spread (worst), in the order of the scores."""
     calibration_batches: int = 8
     """Training batches that taylor scores are computed on (drawn from the stream with another seed)."""
+    recovery_weights: str = "lora"
+    """After the model is pruned (prune_at_recovery, or a baseline's step 0), what trains: lora (fresh adapters on
+    the smaller model) or all (every weight of the smaller model: recovers more per step, costs optimiser state
+    for the whole model and full-size checkpoints)."""
     prune_at_recovery: bool = True
     """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
     (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
@@ -120,6 +124,8 @@ class PruningSettings:
             raise ValueError(
                 f"pruning.importance must be one of {', '.join(CRITERIA)} or null, got {self.importance!r}"
             )
+        if self.recovery_weights not in ("lora", "all"):
+            raise ValueError(f"pruning.recovery_weights must be lora or all, got {self.recovery_weights!r}")
         if self.calibration_batches < 1:
             raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.importance_spread < 0:
@@ -143,8 +149,10 @@ class OptimizerSettings:
     """The decision generator's weights (pruning.logits: generator; ATP trains its generator with 1e-3)."""
     multipliers_lr: float = 0.05
     """Lagrange multipliers (gradient ascent); keep it well below gates_lr so the gates can follow."""
+    weights_lr: float = 1e-4
+    """Every weight of the pruned model, when pruning.recovery_weights is all."""
     weight_decay: float = 0.0
-    """Weight decay of the LoRA adapters."""
+    """Weight decay of the tuned weights (LoRA adapters, or all weights after pruning)."""
 
 
 class TailoredModule(L.LightningModule):
@@ -266,7 +274,8 @@ class TailoredModule(L.LightningModule):
             "adapters": {name: value.cpu() for name, value in lora_state(self.model).items()},
             "gates": {name: value.detach().cpu().clone() for name, value in gates.items()},
         }
-        pruned = prune_now(self.model, gates, self.lora_config(), self.gradient_checkpointing)
+        adapters = self.lora_config() if self.pruning_settings.recovery_weights == "lora" else None
+        pruned = prune_now(self.model, gates, adapters, self.gradient_checkpointing)
         self.hooks.remove()
         dense, self.model = self.model, pruned
         if self.distill_settings is not None:
@@ -507,8 +516,10 @@ class TailoredModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with one group per kind of trainable parameter; prints their sizes."""
         settings = self.optimizer_settings
-        lora = [p for name, p in self.model.named_parameters() if p.requires_grad and "lora_" in name]
-        groups = [{"name": "lora", "params": lora, "lr": settings.lora_lr, "weight_decay": settings.weight_decay}]
+        tuned = [p for p in self.model.parameters() if p.requires_grad]  # adapters, or every weight after pruning
+        every_weight = self.pruned_now and self.pruning_settings.recovery_weights == "all"
+        lr = settings.weights_lr if every_weight else settings.lora_lr
+        groups = [{"name": "tuned", "params": tuned, "lr": lr, "weight_decay": settings.weight_decay}]
         if self.target is not None:
             multipliers = [self.gates.lambda_1, self.gates.lambda_2]
             gate_params = [p for name, p in self.gates.named_parameters() if not name.startswith("lambda_")]
@@ -577,7 +588,8 @@ class TailoredModule(L.LightningModule):
         """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
         gates = self.final_gates().map(lambda value: value.detach().float())
         if self.pruned_now:  # already pruned (maybe a tailored_* layout): merge the adapters into a copy
-            pruned = copy.deepcopy(self.model).merge_and_unload().eval()
+            pruned = copy.deepcopy(self.model)
+            pruned = (pruned.merge_and_unload() if hasattr(pruned, "merge_and_unload") else pruned).eval()
         else:
             pruned = prune_model(self.model, gates)
         report = pruning_report(self.structure, gates, source=self.model_name)

@@ -26,18 +26,22 @@ def lora_state(model: nn.Module) -> dict:
 
 
 def prune_now(
-    model: nn.Module, gates: GateValues, lora_config: LoraConfig, gradient_checkpointing: bool = False
+    model: nn.Module,
+    gates: GateValues,
+    lora_config: LoraConfig | None,
+    gradient_checkpointing: bool = False,
 ) -> nn.Module:
     """The smaller model that ``model`` computes under deterministic ``gates``, with fresh LoRA adapters.
 
     ``model`` (peft-wrapped, maybe with trained adapters) is left unchanged and can serve as a teacher. The new
     adapters start at zero (peft's ``B = 0``), so right after the transition the new model computes exactly what
-    the masked one did; its base weights are frozen.
+    the masked one did; its base weights are frozen. With ``lora_config`` None every weight of the smaller model
+    trains instead (no adapters).
     """
     pruned = prune_model(model, gates)
-    pruned.requires_grad_(False)
+    pruned.requires_grad_(lora_config is None)
     pruned.train(model.training)
     if gradient_checkpointing:
         pruned.gradient_checkpointing_enable()
         pruned.enable_input_require_grads()
-    return get_peft_model(pruned, lora_config)
+    return pruned if lora_config is None else get_peft_model(pruned, lora_config)

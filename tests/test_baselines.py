@@ -173,9 +173,14 @@ def fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("method", ["taylor", "magnitude", "random"])
-def test_every_baseline_exports_exactly_the_requested_size(tmp_path, tiny_model_dir, tiny_text, method):
-    done = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, method, "run"))
+@pytest.mark.parametrize(
+    ("method", "recovery_weights"), [("taylor", "lora"), ("magnitude", "lora"), ("random", "lora"), ("taylor", "all")]
+)
+def test_every_baseline_exports_exactly_the_requested_size(
+    tmp_path, tiny_model_dir, tiny_text, method, recovery_weights
+):
+    config = baseline_config(tmp_path, tiny_model_dir, tiny_text, method, "run")
+    done = fit(config, "--model.pruning.recovery_weights", recovery_weights)
     assert done.returncode == 0, done.stderr[-2000:]
     export = next((tmp_path / "run").rglob("export"))
     report = json.loads((export / "pruning_report.json").read_text())
