@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -99,16 +100,14 @@ def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder
 
 
 def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
-    """(value as % of the reference's, its standard error); perplexity inverted."""
+    """(value as % of the reference's, its standard error); perplexity inverted; NaN where a value is 0."""
     mine, ref = row["tasks"][task], reference["tasks"][task]
-    if mine["metric"] == "perplexity":
-        value = 100 * ref["value"] / mine["value"]
-    else:
-        value = 100 * mine["value"] / ref["value"] if ref["value"] else float("nan")
     if row is reference:
-        return value, 0.0
+        return 100.0, 0.0
     if not (mine["value"] and ref["value"]):
-        return value, float("nan")
+        return (0.0 if ref["value"] and mine["metric"] != "perplexity" else float("nan")), float("nan")
+    perplexity = mine["metric"] == "perplexity"
+    value = 100 * (ref["value"] / mine["value"] if perplexity else mine["value"] / ref["value"])
     relative = math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
     return value, value * relative
 
@@ -155,23 +154,33 @@ def main() -> None:
         f"Config: `{suite['config']}` {' '.join(ARGS.extra)}  ",
         f"Versions: tailored {version('tailored')}, torch {version('torch')}, transformers {version('transformers')}, "
         f"peft {version('peft')}, lightning {version('lightning')}  ",
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+        f"Python {platform.python_version()}  ",
         "Values: test-row metric ± bootstrap standard error; % of tuned: share of the LoRA-tuned dense model's.",
     ]
+    existing = ARGS.out / f"quality-{ARGS.suite}.json"
+    if ARGS.report_only and existing.is_file():  # keep the header of the run that made the cells
+        header = json.loads(existing.read_text())["header"]
     for method, kept, distill in plan:
         name = cell_name(method, kept, distill)
         path = cells_dir / f"{name}.json"
-        if not path.is_file():
+        if not path.is_file() and not ARGS.report_only:
             print(f"running {name}", flush=True)
             row = run_cell(suite, method, kept, distill, ARGS.runs / ARGS.suite / name, ARGS.extra)
             cells_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=2) + "\n")
-        rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
-        document, markdown = tables(rows, ARGS.suite, header)
-        (ARGS.out / f"quality-{ARGS.suite}.json").write_text(json.dumps(document, indent=2) + "\n")
-        (ARGS.out / f"quality-{ARGS.suite}.md").write_text(markdown)
-        print(f"done {name}", flush=True)
-    print(markdown)
+            write_tables(cells_dir, header)
+            print(f"done {name}", flush=True)
+    print(write_tables(cells_dir, header))
+
+
+def write_tables(cells_dir: Path, header: list[str]) -> str:
+    """Rewrite ``quality-<suite>.json`` and ``.md`` from the finished cells; return the Markdown."""
+    rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    document, markdown = tables(rows, ARGS.suite, header)
+    (ARGS.out / f"quality-{ARGS.suite}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (ARGS.out / f"quality-{ARGS.suite}.md").write_text(markdown)
+    return markdown
 
 
 if __name__ == "__main__":
@@ -185,6 +194,7 @@ if __name__ == "__main__":
         "--distill", nargs="*", default=[], choices=PRUNED_METHODS, help="also run these methods with distillation"
     )
     parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the tables from finished cells only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
     parser.add_argument("extra", nargs="*", help="options passed to every tailored call, after --")

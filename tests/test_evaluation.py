@@ -187,7 +187,8 @@ def test_dynamic_weights_move_toward_the_task_furthest_above_its_reference():
     weights = dynamic_weights([0.5, 0.3, 0.2], losses=[2.0, 3.5, 1.0], references=[2.0, 2.5, 1.5])
     assert sum(weights) == pytest.approx(1.0)
     assert weights[1] > 0.3 and weights[0] < 0.5 and weights[2] < 0.2  # only task 1 is above its reference
-    assert weights[0] / weights[2] == pytest.approx(0.5 / 0.2, rel=1e-3)  # no excess: relative weights kept
+    # the excess is signed: task 2, 0.5 below its reference, loses weight against task 0, which sits at it
+    assert weights[0] / weights[2] == pytest.approx(0.5 / 0.2 * math.exp(0.5), rel=1e-3)
     assert min(dynamic_weights([1.0, 1e-30], [0.0, 0.0], [0.0, 0.0])) >= 1e-4 / 2  # smoothing floor c / K
 
 
