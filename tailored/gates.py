@@ -192,14 +192,15 @@ class PruningGates(nn.Module):
                 torch.ones_like(log_alphas[name]) if name == "hidden" else hard_concrete.soft_value(log_alphas[name])
             )
             setattr(gates, name, hard_concrete.keep_top_k(log_alphas[name], values, count))
-        return gates
+        return gates.map(lambda value: value.float())  # ranked in float64, returned as the gates' float32
 
     @torch.no_grad()
     def target_gates(self) -> GateValues:
         """Deterministic gates that meet the target exactly (:func:`tailored.targets.final_gates`)."""
         if self.target is None:
             raise RuntimeError("these gates have no sparsity target")
-        return final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities())
+        gates = final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities())
+        return gates.map(lambda value: value.float())
 
     @torch.no_grad()
     def freeze(self, gates: GateValues) -> None:

@@ -287,7 +287,8 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     metrics["words"] = {"perplexity"}
     for task, names in metrics.items():  # every figure with its bootstrap standard error
         assert set(results[task]) == {name + suffix for name in names | {"loss"} for suffix in ("", "_stderr")}
-        assert all(results[task][f"{name}_stderr"] > 0 for name in names | {"loss"})
+        assert results[task]["loss_stderr"] > 0  # row losses always differ; a metric may be equal on every row
+        assert all(0 <= results[task][f"{name}_stderr"] < float("inf") for name in names)
 
     written = sorted((tmp_path / "run").rglob("*"))
     for _ in range(2):  # a second recovery on the same config works as well
