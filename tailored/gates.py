@@ -219,7 +219,4 @@ def rank_fraction(scores: torch.Tensor) -> torch.Tensor:
     n = scores.shape[-1]
     if n == 1:  # a single unit is its row's best
         return torch.ones_like(scores, dtype=torch.float32)
-    order = torch.argsort(scores, dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
-    return rank.float() / (n - 1)
+    return hard_concrete.ranks(scores).float() / (n - 1)

@@ -59,9 +59,14 @@ def keep_top_k(scores: torch.Tensor, values: torch.Tensor, k: torch.Tensor | int
     Returns:
         ``[..., n]``, ``values`` where kept, 0 elsewhere.
     """
-    n = scores.shape[-1]
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    rank = ranks(scores, descending=True)
     k = torch.as_tensor(k, device=scores.device)
     return torch.where(rank < k.unsqueeze(-1), values, torch.zeros_like(values))
+
+
+def ranks(scores: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Each entry's position ``0 .. n-1`` in its row (the last dim) sorted by score; ties by index (stable)."""
+    order = torch.argsort(scores, dim=-1, descending=descending, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank

@@ -25,14 +25,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tailored.prune import base_layer
 from tailored.structure import ModelStructure, describe, unit_shapes, unwrap
 
 CRITERIA = ("taylor", "magnitude", "random")
-
-
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    """The frozen weight of a (maybe peft-wrapped) linear layer."""
-    return module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
 
 
 def _weights(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
@@ -40,14 +36,14 @@ def _weights(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
     ``lm_head`` (both ``[V, d]``, layer -1)."""
     base = unwrap(model)
     found = [("embed", -1, base.model.embed_tokens.weight)]
-    lm_head = _base_weight(base.lm_head)
+    lm_head = base_layer(base.lm_head).weight
     if lm_head is not base.model.embed_tokens.weight:
         found.append(("embed", -1, lm_head))
     for index, layer in enumerate(base.model.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            found.append((name, index, _base_weight(getattr(layer.self_attn, name))))
+            found.append((name, index, base_layer(getattr(layer.self_attn, name)).weight))
         for name in ("gate_proj", "up_proj", "down_proj"):
-            found.append((name, index, _base_weight(getattr(layer.mlp, name))))
+            found.append((name, index, base_layer(getattr(layer.mlp, name)).weight))
     return found
 
 

@@ -274,8 +274,8 @@ class TailoredModule(L.LightningModule):
             "adapters": {name: value.cpu() for name, value in lora_state(self.model).items()},
             "gates": {name: value.detach().cpu().clone() for name, value in gates.items()},
         }
-        adapters = self.lora_config() if self.pruning_settings.recovery_weights == "lora" else None
-        pruned = prune_now(self.model, gates, adapters, self.gradient_checkpointing)
+        fresh_lora = self.lora_config() if self.pruning_settings.recovery_weights == "lora" else None
+        pruned = prune_now(self.model, gates, fresh_lora, self.gradient_checkpointing)
         self.hooks.remove()
         dense, self.model = self.model, pruned
         if self.distill_settings is not None:
@@ -285,16 +285,13 @@ class TailoredModule(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.optimizers:
             self.trainer.strategy.setup_optimizers(self.trainer)  # the optimiser now tunes the new adapters
 
-    @torch.no_grad()
     def importance_scores(self, criterion: str) -> GateValues:
         """Scores of every unit under ``criterion`` (taylor: on ``calibration_batches`` training batches)."""
         batches = []
         if criterion == "taylor":
-            data = self.trainer.datamodule
-            stream = iter(data.calibration_loader(self.pruning_settings.calibration_batches))
-            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in stream]
-        with torch.enable_grad():
-            scores = unit_scores(criterion, self.model, batches, seed=self.trainer.datamodule.seed)
+            loader = self.trainer.datamodule.calibration_loader(self.pruning_settings.calibration_batches)
+            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in loader]
+        scores = unit_scores(criterion, self.model, batches, seed=self.trainer.datamodule.seed)
         return GateValues(**{name: value.to(self.device) for name, value in scores.items()})
 
     # ---- schedule --------------------------------------------------------------------------------------------

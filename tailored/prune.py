@@ -128,9 +128,14 @@ def pruned_config(config, structure: ModelStructure, plan: PruningPlan):
     return config_class(**values, layer_shapes=shapes)
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The linear layer inside a peft LoRA wrapper (or the layer itself): its weight is the frozen one."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 def merged_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight ``[out, in]`` and bias of a linear layer, with its active peft LoRA adapters merged in."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    base = base_layer(module)
     weight = base.weight
     if hasattr(module, "lora_A") and not module.merged and not module.disable_adapters:
         for adapter in module.active_adapters:
