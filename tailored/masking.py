@@ -5,7 +5,7 @@ Where each gate acts (layer l; ``*`` is a broadcast product over the last dim)::
     embed_tokens ──► out * z_hidden
     o_proj       ──► in * repeat(z_groups[l], n_rep*dh)    out * z_attn[l] * z_layer[l] * any(z_groups[l]) * z_hidden
     down_proj    ──► in * z_channels[l]                    out * z_mlp[l] * z_layer[l] * any(z_channels[l]) * z_hidden
-    every RMSNorm ─► normalises over the kept hidden dims only (below)
+    every [d] RMSNorm ─► normalises over the kept hidden dims only (below)
 
 Why hooks: they touch activations, not weights, so nothing in transformers' source changes, no weight copy is
 made per step (a parametrisation would rebuild every masked weight each forward), and they sit on whatever module
@@ -16,6 +16,10 @@ therefore exact. Attach the hooks *after* peft wraps the model.
 RMSNorm over kept dims: the pruned model normalises by ``mean`` over d' kept dims; the masked model's stream is 0
 on the pruned dims, and the stock norm divides by d. Scaling the norm's input by ``c = sqrt(d / d')`` and its output
 by ``1 / c`` gives ``w * x / sqrt(sum(x^2) / d' + eps)`` exactly, with the stock norm code.
+
+Qwen3's per-head ``q_norm``/``k_norm`` need no hook: they read one head's ``q_proj``/``k_proj`` output, which is the
+pruned model's exactly (pruned hidden dims are 0 at the projection's input), and a removed KV group's heads are
+cut off at ``o_proj``'s input.
 """
 
 from __future__ import annotations
@@ -151,4 +155,5 @@ class _ActiveGates:
 
 
 def _layer_norms(layer: nn.Module) -> list[nn.Module]:
+    """The RMSNorms of a layer over the hidden dims (not Qwen3's per-head q_norm/k_norm)."""
     return [layer.input_layernorm, layer.post_attention_layernorm]

@@ -181,7 +181,10 @@ def pruned_state_dict(model: nn.Module, gates: GateValues, plan: PruningPlan) ->
 
 
 def _attention_state(prefix, layer, structure, group_gates, layer_plan, hidden, scale) -> dict[str, torch.Tensor]:
-    """Sliced q/k/v/o (+ biases) and input norm of one layer; the group and block gates folded into o_proj."""
+    """Sliced q/k/v/o (+ biases) and input norm of one layer; the group and block gates folded into o_proj.
+
+    Qwen3's per-head q_norm/k_norm (weights ``[dh]``, shared by every head) are copied whole.
+    """
     dh, n_rep = structure.head_dim, structure.n_rep
     kept = torch.tensor(layer_plan.groups, device=hidden.device)
     kv_rows = (kept[:, None] * dh + torch.arange(dh, device=hidden.device)).flatten()  # [g*dh]
@@ -193,6 +196,9 @@ def _attention_state(prefix, layer, structure, group_gates, layer_plan, hidden, 
         state[f"{prefix}self_attn.{name}.weight"] = weight[rows][:, hidden]
         if bias is not None:
             state[f"{prefix}self_attn.{name}.bias"] = bias[rows]
+    if structure.qk_norm:
+        state[f"{prefix}self_attn.q_norm.weight"] = attn.q_norm.weight.clone()  # a copy: the input model is kept
+        state[f"{prefix}self_attn.k_norm.weight"] = attn.k_norm.weight.clone()
     column_scale = group_gates[kept].repeat_interleave(n_rep * dh) * scale  # [g*n_rep*dh]
     weight, bias = merged_linear(attn.o_proj)
     state[f"{prefix}self_attn.o_proj.weight"] = _fold(weight[hidden][:, q_rows], column_scale[None, :])

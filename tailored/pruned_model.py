@@ -1,12 +1,13 @@
 """Hugging Face classes for pruned models whose layers differ in shape ("non-uniform" exports).
 
-A uniformly pruned model (every layer with the same heads and channels) is a stock Llama/Mistral/Qwen2 model and
-needs none of this. When layers differ, the config records one entry per layer in ``layer_shapes``::
+A uniformly pruned model (every layer with the same heads and channels) is a stock Llama/Mistral/Qwen2/Qwen3 model
+and needs none of this. When layers differ, the config records one entry per layer in ``layer_shapes``::
 
     {"num_key_value_heads": g, "intermediate_size": f}      g = 0: attention block removed
                                                              f = 0: MLP block removed
 
-and the model class resizes each layer's projections after building the stock layout. A removed block becomes
+and the model class resizes each layer's projections after building the stock layout (Qwen3's per-head
+``q_norm``/``k_norm`` of weight ``[head_dim]`` fit any head count and are kept). A removed block becomes
 :class:`EmptyAttention` / :class:`EmptyMLP` and its RMSNorm an ``nn.Identity``: no parameters remain.
 
 This file imports only torch, transformers and huggingface_hub, so that an export can carry a copy of it as
@@ -27,6 +28,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 
@@ -42,11 +45,16 @@ class EmptyAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
-        if past_key_values is not None:
+    def forward(
+        self, hidden_states: torch.Tensor, cache=None, past_key_values=None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
+        """``hidden_states [B, T, d]`` -> zeros ``[B, T, d]``. The decoder layer passes its KV cache as ``cache``
+        (transformers >= 5.24) or ``past_key_values`` (older 5.x)."""
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
             batch, seq = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, seq, 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 
@@ -58,7 +66,10 @@ class EmptyMLP(nn.Module):
 
 
 def _resize_layer(layer: nn.Module, shape: dict, config) -> None:
-    """Replace the projections of a stock decoder layer by ones of the recorded per-layer shape."""
+    """Replace the projections of a stock decoder layer by ones of the recorded per-layer shape.
+
+    Everything else of the layer stays, Qwen3's q_norm/k_norm included while its attention block is kept.
+    """
     hidden, head_dim = config.hidden_size, config.head_dim
     n_rep = config.num_attention_heads // config.num_key_value_heads
     groups, channels = shape["num_key_value_heads"], shape["intermediate_size"]
@@ -115,11 +126,13 @@ TailoredMistralConfig, TailoredMistralForCausalLM = _pruned_classes(
     "mistral", "Mistral", MistralConfig, MistralForCausalLM
 )
 TailoredQwen2Config, TailoredQwen2ForCausalLM = _pruned_classes("qwen2", "Qwen2", Qwen2Config, Qwen2ForCausalLM)
+TailoredQwen3Config, TailoredQwen3ForCausalLM = _pruned_classes("qwen3", "Qwen3", Qwen3Config, Qwen3ForCausalLM)
 
 PRUNED_CLASSES = {
     "llama": (TailoredLlamaConfig, TailoredLlamaForCausalLM),
     "mistral": (TailoredMistralConfig, TailoredMistralForCausalLM),
     "qwen2": (TailoredQwen2Config, TailoredQwen2ForCausalLM),
+    "qwen3": (TailoredQwen3Config, TailoredQwen3ForCausalLM),
 }
 """Base family -> (config class, causal-LM class) of its non-uniform pruned models."""
 

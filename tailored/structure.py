@@ -1,11 +1,12 @@
 """What is prunable in a LLaMA-family decoder, and how many parameters a gate pattern keeps.
 
-Llama, Mistral and Qwen2 share one decoder layout (METHOD.md section 2)::
+Llama, Mistral, Qwen2 and Qwen3 share one decoder layout (METHOD.md section 2)::
 
     embed_tokens [V, d]
       └─ layer l = 0 .. L-1 ─────────────────────────────────────────────────────────────┐
            input_layernorm [d]                                                           │
            q_proj [H*dh, d]   k_proj, v_proj [Hkv*dh, d]   (Qwen2: + biases)  ─ attention │
+           q_norm, k_norm [dh]                             (Qwen3 only)                  │
            o_proj [d, H*dh]                                                              │
            post_attention_layernorm [d]                                                  │
            gate_proj, up_proj [f, d]   down_proj [d, f]                       ─ MLP      │
@@ -23,9 +24,13 @@ The prunable units, each with one gate (:class:`GateValues`):
     mlp      [L]       the MLP block of a layer
     layers   [L]       a whole layer
     hidden   [d]       a hidden dim, model-wide (a column of every matrix that reads the residual stream,
-                       a row of every matrix that writes it, an entry of every RMSNorm)
+                       a row of every matrix that writes it, an entry of every [d] RMSNorm)
 
 Units never split ``head_dim``: q and k dims are paired by RoPE, so a head is kept or removed whole.
+
+Qwen3's ``q_norm``/``k_norm`` normalise each head's query/key over its ``dh`` dims with one weight shared by every
+head, so no unit prunes them: they stay as they are while their attention block is present. ``dh`` is read from
+the config's ``head_dim`` and need not be ``d / H`` (Qwen3-0.6B: d = 1024, H = 16, dh = 128).
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-SUPPORTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+SUPPORTED_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 """``config.model_type`` -> class-name prefix of the stock transformers modules of that family."""
+
+QK_NORM_FAMILIES = frozenset({"qwen3"})
+"""Families whose attention normalises queries and keys per head (``q_norm``, ``k_norm`` of weight ``[dh]``)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -62,6 +70,8 @@ class ModelStructure:
     o_bias: bool
     mlp_bias: bool
     lm_head_bias: bool
+    qk_norm: bool
+    """The attention has per-head ``q_norm`` and ``k_norm`` RMSNorms of weight ``[head_dim]`` (Qwen3)."""
 
     @property
     def n_rep(self) -> int:
@@ -138,8 +148,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> ModelStructure:
     """Read the prunable structure of a Hugging Face LLaMA-family causal LM (peft-wrapped or not).
 
-    Raises :class:`UnsupportedModelError` naming the problem when the model is not a stock Llama, Mistral or
-    Qwen2 decoder with uniform layers (another architecture, a custom attention, an already-pruned model).
+    Raises :class:`UnsupportedModelError` naming the problem when the model is not a stock Llama, Mistral, Qwen2
+    or Qwen3 decoder with uniform layers (another architecture, a custom attention, an already-pruned model).
     """
     model = unwrap(model)
     config = getattr(model, "config", None)
@@ -171,6 +181,7 @@ def describe(model: nn.Module) -> ModelStructure:
         o_bias=inner.layers[0].self_attn.o_proj.bias is not None,
         mlp_bias=inner.layers[0].mlp.down_proj.bias is not None,
         lm_head_bias=model.lm_head.bias is not None,
+        qk_norm=family in QK_NORM_FAMILIES,
     )
     for index, layer in enumerate(inner.layers):
         _check_layer(layer, index, prefix, structure)
@@ -203,6 +214,7 @@ def structure_from_config(config) -> ModelStructure:
         o_bias=attention_bias,
         mlp_bias=getattr(config, "mlp_bias", False),
         lm_head_bias=False,
+        qk_norm=family in QK_NORM_FAMILIES,
     )
 
 
@@ -214,8 +226,10 @@ def _check_layer(layer: nn.Module, index: int, prefix: str, structure: ModelStru
         "input_layernorm": f"{prefix}RMSNorm",
         "post_attention_layernorm": f"{prefix}RMSNorm",
     }
+    if structure.qk_norm:
+        expected_types |= {"self_attn.q_norm": f"{prefix}RMSNorm", "self_attn.k_norm": f"{prefix}RMSNorm"}
     for name, type_name in expected_types.items():
-        found = type(getattr(layer, name, None)).__name__
+        found = type(_submodule(layer, name)).__name__
         if found != type_name:
             raise UnsupportedModelError(
                 f"layer {index}: {name} is {found}, expected the stock transformers {type_name}; tailored cannot "
@@ -231,6 +245,8 @@ def _check_layer(layer: nn.Module, index: int, prefix: str, structure: ModelStru
         "mlp.up_proj": (structure.intermediate_size, d),
         "mlp.down_proj": (d, structure.intermediate_size),
     }
+    if structure.qk_norm:
+        expected_shapes |= {"self_attn.q_norm": (dh,), "self_attn.k_norm": (dh,)}
     for path, shape in expected_shapes.items():
         weight = layer.get_submodule(path).weight
         if tuple(weight.shape) != shape:
@@ -239,6 +255,13 @@ def _check_layer(layer: nn.Module, index: int, prefix: str, structure: ModelStru
                 "Layers of different shapes (an already-pruned model?) cannot be pruned again; load it with "
                 "tailored.load_pruned and prune the original model instead."
             )
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted ``path``, or None where it is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def parameter_count(structure: ModelStructure, kept: GateValues) -> torch.Tensor:
@@ -250,6 +273,7 @@ def parameter_count(structure: ModelStructure, kept: GateValues) -> torch.Tensor
     kept hidden dims, g kept groups, f' kept channels (METHOD.md section 2)::
 
         attention  d'*g*n_rep*dh + 2*d'*g*dh + g*n_rep*dh*d'   (+ q/k/v biases, o bias)  + input norm d'
+                                                                 (+ q_norm, k_norm 2*dh)
         MLP        3*d'*f'                                       (+ biases)                + post-attn norm d'
         model      V*d' embedding + d' final norm (+ V*d' lm_head when untied)
 
@@ -272,6 +296,8 @@ def parameter_count(structure: ModelStructure, kept: GateValues) -> torch.Tensor
         attention = attention + groups * (q_width + 2 * kv_width)
     if s.o_bias:
         attention = attention + d * attn_present
+    if s.qk_norm:
+        attention = attention + 2 * dh * attn_present
     mlp = 3 * d * channels + d * mlp_present
     if s.mlp_bias:
         mlp = mlp + 2 * channels + d * mlp_present

@@ -12,12 +12,15 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 
@@ -33,20 +36,23 @@ def tiny_model(
     bias: bool = False,
     seed: int = 0,
     weight_std: float = 0.3,
+    hidden_size: int | None = None,
+    sliding_window: int | None = None,
 ):
     """A random causal LM; every tensor (norms and biases too) is random so that any slicing error shows.
 
     Weights and biases are drawn from N(0, ``weight_std``), norm weights from U(0.5, 1.5).
 
-    ``bias`` gives Llama q/k/v/o and MLP biases (``attention_bias``/``mlp_bias``); Qwen2 always has q/k/v biases.
-    Hidden size is ``num_heads * head_dim`` (Llama's config insists on a multiple of the head count).
+    ``bias`` gives Llama q/k/v/o and MLP biases (``attention_bias``/``mlp_bias``) and Qwen3 q/k/v/o biases;
+    Qwen2 always has q/k/v biases. ``hidden_size`` defaults to ``num_heads * head_dim`` (Llama's config insists on
+    a multiple of the head count; the other families take any). ``sliding_window`` (not Llama): Mistral's window
+    on every layer, Qwen2/Qwen3's on layers 1.. (layer 0 keeps full attention).
     """
     config_class, model_class = FAMILIES[family]
     num_heads = num_kv_heads * n_rep
-    extra = {"attention_bias": bias, "mlp_bias": bias} if family == "llama" else {}
     config = config_class(
         vocab_size=vocab_size,
-        hidden_size=num_heads * head_dim,
+        hidden_size=hidden_size or num_heads * head_dim,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -57,7 +63,7 @@ def tiny_model(
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        **extra,
+        **family_options(family, bias, sliding_window),
     )
     torch.manual_seed(seed)
     model = model_class(config)
@@ -68,6 +74,18 @@ def tiny_model(
             else:
                 parameter.normal_(0.0, weight_std)
     return model.eval()
+
+
+def family_options(family: str, bias: bool, sliding_window: int | None) -> dict:
+    """Config keys for :func:`tiny_model`'s ``bias`` and ``sliding_window`` in each family's spelling."""
+    options = {"llama": {"attention_bias": bias, "mlp_bias": bias}, "qwen3": {"attention_bias": bias}}.get(family, {})
+    if sliding_window is None:
+        return options
+    if family == "llama":
+        raise ValueError("Llama has no sliding-window attention")
+    if family == "mistral":
+        return options | {"sliding_window": sliding_window}
+    return options | {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 1}
 
 
 def tiny_tokenizer(vocab_size: int = 64) -> PreTrainedTokenizerFast:

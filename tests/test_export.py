@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from tailored.exactness import masked_logits
 from tailored.export import REMOTE_CODE_NAME, REPORT_NAME, load_pruned, pruning_report, save_pruned
 from tailored.prune import prune_model
 from tailored.structure import GateValues, describe
@@ -66,13 +67,20 @@ def non_uniform_gates(structure) -> GateValues:
     return gates
 
 
+FAMILY_LAYOUTS = {
+    "llama": dict(family="llama"),
+    "qwen3": dict(family="qwen3", hidden_size=20, sliding_window=4),  # q/k norms, H*dh 24 != hidden 20
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_LAYOUTS)
 @pytest.mark.parametrize(
     ("gates_for", "loaders"),
     [(uniform_gates, ["transformers", "tailored"]), (non_uniform_gates, ["tailored", "remote code"])],
     ids=["uniform", "non-uniform"],
 )
-def test_saved_model_reloads_exactly_in_a_fresh_process(gates_for, loaders, tokens, tmp_path):
-    model = tiny_model(num_layers=4, num_kv_heads=3, n_rep=2, tied=True)
+def test_saved_model_reloads_exactly_in_a_fresh_process(gates_for, loaders, family, tokens, tmp_path):
+    model = tiny_model(num_layers=4, num_kv_heads=3, n_rep=2, tied=True, **FAMILY_LAYOUTS[family])
     structure = describe(model)
     gates = gates_for(structure)
     pruned = prune_model(model, gates)
@@ -80,6 +88,7 @@ def test_saved_model_reloads_exactly_in_a_fresh_process(gates_for, loaders, toke
     path = save_pruned(pruned, tmp_path / "export", tokenizer=tiny_tokenizer(), report=report)
     with torch.no_grad():
         logits = pruned(tokens).logits
+    torch.testing.assert_close(logits, masked_logits(model, gates, tokens), rtol=0, atol=1e-5)
     generated = pruned.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=5, do_sample=False)
 
     assert (REMOTE_CODE_NAME in os.listdir(path)) == (report["format"] == "tailored")
@@ -88,6 +97,8 @@ def test_saved_model_reloads_exactly_in_a_fresh_process(gates_for, loaders, toke
         assert torch.equal(loaded["logits"], logits), loader
         assert torch.equal(loaded["generated"], generated), loader
         assert loaded["count"] == report["parameters"]["after"], loader
+        assert loaded["class"] == type(pruned).__name__, loader
+    assert (type(pruned) is type(model)) == (gates_for is uniform_gates), "uniform exports are stock models"
 
 
 def test_report_describes_the_pruned_model(tmp_path):

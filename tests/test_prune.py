@@ -52,9 +52,19 @@ def assert_exact_pruning(model, gates: GateValues, tokens: torch.Tensor):
     return pruned
 
 
+def with_hidden_size_and_window(layout: dict) -> st.SearchStrategy[dict]:
+    """Llama keeps hidden size ``heads * head_dim`` (its config wants a multiple of the head count); the other
+    families draw any hidden size (Qwen3's ``H * dh`` is rarely ``d``) and a sliding window shorter than the test
+    tokens, or none."""
+    if layout["family"] == "llama":
+        return st.just(layout)
+    extra = {"hidden_size": st.none() | st.integers(2, 12), "sliding_window": st.none() | st.integers(2, 6)}
+    return st.fixed_dictionaries(extra).map(lambda drawn: layout | drawn)
+
+
 layouts = st.fixed_dictionaries(
     {
-        "family": st.sampled_from(["llama", "mistral", "qwen2"]),
+        "family": st.sampled_from(["llama", "mistral", "qwen2", "qwen3"]),
         "num_layers": st.integers(1, 4),
         "num_kv_heads": st.integers(1, 3),
         "n_rep": st.integers(1, 3),  # 1: MHA; num_kv_heads 1 and n_rep > 1: MQA
@@ -63,7 +73,10 @@ layouts = st.fixed_dictionaries(
         "tied": st.booleans(),
         "bias": st.booleans(),
     }
-)
+).flatmap(with_hidden_size_and_window)
+"""Keyword arguments of :func:`tiny_model` (``benchmarks/exactness_scan.py`` draws its cases from it too)."""
+
+
 gate_values = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.05, 1.0))
 
 
@@ -123,6 +136,10 @@ NAMED_LAYOUTS = {
     "MQA, tied": dict(family="mistral", num_layers=2, num_kv_heads=1, n_rep=4, tied=True),
     "MHA, biases": dict(family="llama", num_layers=2, num_kv_heads=4, n_rep=1, bias=True),
     "Qwen2 q/k/v biases, GQA 6:2, tied, odd layers": dict(family="qwen2", num_layers=5, n_rep=3, tied=True),
+    "Qwen3 q/k norms, GQA 4:2, H*dh 16 != hidden 10, sliding window": dict(
+        family="qwen3", num_layers=3, hidden_size=10, sliding_window=3
+    ),
+    "Qwen3 MQA, q/k/v/o biases, tied": dict(family="qwen3", num_kv_heads=1, n_rep=4, bias=True, tied=True),
 }
 
 
@@ -193,8 +210,16 @@ EDGE_CASES = [
 ]
 
 
+@torch.no_grad()
+def last_logits_from_cache(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, 1, V]`` of the last token, read with the KV cache of the tokens before it (no positions or
+    mask given: the model must count the cached tokens itself)."""
+    cache = model(tokens[:, :-1], use_cache=True).cache
+    return model(tokens[:, -1:], cache=cache).logits
+
+
 @pytest.mark.parametrize("case", EDGE_CASES)
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_edge_cases_are_exact_and_generate_the_same_tokens(case, family, tokens):
     model = tiny_model(family, num_layers=3, num_kv_heads=3, n_rep=2, tied=True, bias=True)
     gates = edge_case_gates(describe(model), case)
@@ -203,8 +228,10 @@ def test_edge_cases_are_exact_and_generate_the_same_tokens(case, family, tokens)
     hooks = GateHooks(model)
     with hooks.applied(gates):
         expected = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=6, do_sample=False)
+        expected_cached = last_logits_from_cache(model, tokens)
     generated = pruned.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=6, do_sample=False)
     assert torch.equal(generated, expected)
+    torch.testing.assert_close(last_logits_from_cache(pruned, tokens), expected_cached, rtol=0, atol=1e-4)
 
 
 def test_rounding_sensitivity_is_a_few_ulps_and_leaves_no_hooks(tokens):
