@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
@@ -28,11 +30,14 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tailored.callbacks import ExportPruned, GateMonitor, LineProgress
 from tailored.data import DomainData
 from tailored.evaluate import format_recovery, recovery_table
+from tailored.models import check_model_name
 from tailored.module import TailoredModule
+from tailored.tasks import Task
 
 
 def checkpoint_dir(root: str | None) -> str:
@@ -67,7 +72,10 @@ class TailoredCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
-            check_checkpoint(config.get("ckpt_path"), config.trainer.default_root_dir, subcommand)
+            root = config.trainer.default_root_dir
+            if root and Path(root).exists() and not Path(root).is_dir():
+                raise NotADirectoryError(f"trainer.default_root_dir {root} is a file; choose a folder for the run")
+            check_checkpoint(config.get("ckpt_path"), root, subcommand)
 
 
 def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") -> None:
@@ -84,6 +92,8 @@ def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") 
     if ckpt_path in (None, "last", "best", "hpc"):
         return
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {path} is a folder; pass a checkpoint file in it, e.g. {path}/last.ckpt")
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; checkpoints of this run are in {checkpoint_dir(root)}"
@@ -105,6 +115,8 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
         overwrite: replace an existing non-empty ``out``.
     """
     check_checkpoint(ckpt_path, ".")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file; choose a folder path for the export")
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds files; choose a new folder or pass --overwrite true")
     module = TailoredModule.load_from_checkpoint(ckpt_path, map_location="cpu")
@@ -114,7 +126,12 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
 
 
 def recovery(
-    run_config: str, pruned: str, tuned: str | None = None, dense: str | None = None, out: str | None = None
+    run_config: str,
+    pruned: str,
+    tuned: str | None = None,
+    dense: str | None = None,
+    general: str | None = None,
+    out: str | None = None,
 ) -> dict:
     """Evaluate the dense model, the dense model LoRA-tuned and the pruned model on a config's tasks, and print
     each task's primary metric with the share of the dense model's that the others keep (ATP's "% of dense").
@@ -125,32 +142,90 @@ def recovery(
         pruned: the pruned model's export folder (``<log dir>/export`` of a ``tailored fit`` run).
         tuned: the export of the same run with ``--model.pruning null`` (plain LoRA, merged into the dense model).
         dense: the dense model (default: the config's ``model.model``).
+        general: a general-text source (any task source: a text file, ``pypi:...``, a hub dataset) whose
+            perplexity is shown under the domain tasks: what the domain models kept outside their domain. It is
+            left out of the average.
         out: also write the table as JSON to this file.
     """
+    if out and Path(out).is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name a JSON file to write the table to")
     with warnings.catch_warnings():  # Lightning warns when args are given while sys.argv holds the user's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         args = ["-c", run_config, "--trainer.logger", "false"]  # no logger: nothing is written but ``out``
         cli = TailoredCLI(TailoredModule, DomainData, run=False, args=args, save_config_callback=None)
-    settings = cli.model
+    settings, domain = cli.model, cli.datamodule
     models = {"dense": dense or settings.model_name, "tuned": tuned, "pruned": pruned}
+    for model in filter(None, models.values()):  # every model's name, before the first one is evaluated
+        check_model_name(model)
+    datamodules = [domain]
+    if general:
+        datamodules.append(general_text(general, domain))
+    kinds = {task.name: task.kind for data in datamodules for task in data.tasks}
     results = {}
     for name, model in models.items():
         if model is None:
             continue
         module = TailoredModule(model=model, dtype=settings.dtype_name, lora=settings.lora_settings)
         print(f"evaluating {name}: {model}")
-        cli.trainer.test(module, datamodule=cli.datamodule, verbose=False)
-        results[name] = module.results
-    kinds = {task.name: task.kind for task in cli.datamodule.tasks}
-    report = recovery_table(results, kinds, dense="dense", tuned="tuned") | {"models": models, "results": results}
+        results[name] = {}
+        for data in datamodules:
+            cli.trainer.test(module, datamodule=data, verbose=False)
+            results[name] |= module.results
+    outside = [GENERAL_TASK] if general else []
+    report = recovery_table(results, kinds, dense="dense", tuned="tuned", outside_average=outside)
+    report |= {"models": models, "general_source": general, "results": results}
     print(format_recovery(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
-"""Bad input (config, paths, data, checkpoints): reported as one message, not a traceback."""
+GENERAL_TASK = "general"
+"""Name of the general-text task of ``tailored recovery --general``."""
+
+
+def general_text(source: str, domain: DomainData) -> DomainData:
+    """The general-text perplexity task of ``recovery --general``: every block of ``source`` (at most the domain
+    data's ``eval_blocks``, evenly spread) at the domain data's ``seq_len``; checked before any model loads."""
+    task = Task(GENERAL_TASK, source, "language_modeling", eval_source=source)
+    return DomainData(
+        [task],
+        tokenizer=domain.tokenizer_name,
+        seq_len=domain.seq_len,
+        batch_size=domain.batch_size,
+        eval_blocks=domain.eval_blocks,
+    )
+
+
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, MisconfigurationException)
+"""Bad input (config, paths, data, checkpoints, trainer settings): reported as one message, not a traceback."""
+
+
+def argument_problem(error: ArgumentError) -> str:
+    """The option and the problem of a command-line parsing error, in one line.
+
+    jsonargparse reports an option of a ``X | None`` type as a tree of every alternative's failure; the useful part
+    is the innermost option's name (``Parser key`` lines, nested) and what was given against what was expected.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    keys, problem = [], ""
+    for line in lines:
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            problem = key.group(2) or problem
+        elif not line.startswith(("Problem with given class_path", "Does not validate", "Subtypes", "Errors", "- ")):
+            problem = line if not line.startswith("Given value") else problem
+    last_key = max((i for i, line in enumerate(lines) if line.startswith("Parser key")), default=0)
+    inner = lines[last_key:]
+    given = next((line.removeprefix("Given value: ") for line in inner if line.startswith("Given value: ")), None)
+    expected = dict.fromkeys(re.findall(r"Expected a <class '([^']+)'>", "\n".join(inner)))
+    if given is not None:  # a dotted option of a nested class is given as NestedArg(key=..., val=...)
+        given = re.sub(r"NestedArg\(key='[^']*', val='(.*)'\)", r"\1", given)
+    if given is not None and expected:
+        problem = f"got {given!r}, expected {' or '.join(name.replace('NoneType', 'null') for name in expected)}"
+    option = ".".join(keys)
+    return f"{option}: {problem}" if option else problem
 
 
 def run(args: list[str] | None = None):
@@ -162,12 +237,13 @@ def run(args: list[str] | None = None):
     argv = sys.argv[1:] if args is None else args
     if argv[:1] and argv[0] in commands:
         options = ["--run_config" if arg == "-c" else arg for arg in argv[1:]]  # -c as in fit/test
-        return CLI(commands[argv[0]], args=options, as_positional=False)
+        return CLI(commands[argv[0]], args=options, as_positional=False, exit_on_error=False)
     TailoredCLI(
         TailoredModule,
         DomainData,
         trainer_defaults={"callbacks": [LearningRateMonitor()], "check_val_every_n_epoch": None},
         args=args,
+        parser_kwargs={"exit_on_error": False},
     )
 
 
@@ -175,6 +251,11 @@ def main() -> None:
     """Entry point of the ``tailored`` console script. ``TAILORED_TRACEBACK=1`` shows tracebacks of input errors."""
     try:
         run()
+    except ArgumentError as error:
+        if os.environ.get("TAILORED_TRACEBACK"):
+            raise
+        command = " ".join(sys.argv[1:2])
+        sys.exit(f"tailored: error: {argument_problem(error)} (tailored {command} --help lists the options)")
     except USER_ERRORS as error:
         if os.environ.get("TAILORED_TRACEBACK"):
             raise

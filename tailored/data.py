@@ -142,8 +142,8 @@ class DomainData(L.LightningDataModule):
             )
         self.tasks, self.tokenizer_name = tasks, tokenizer
         self.seq_len, self.eval_seq_len, self.batch_size = seq_len, eval_seq_len, batch_size
-        if val_rows < 1 or (eval_rows is not None and eval_rows < 1):
-            raise ValueError(f"data.val_rows and data.eval_rows must be >= 1, got {val_rows} and {eval_rows}")
+        check_sizes(seq_len=seq_len, eval_seq_len=eval_seq_len, batch_size=batch_size, val_rows=val_rows,
+                    eval_rows=eval_rows, eval_blocks=eval_blocks)  # fmt: skip
         self.response_only, self.eval_rows, self.eval_blocks, self.seed = response_only, eval_rows, eval_blocks, seed
         self.val_rows = val_rows
         self.dynamic = dynamic
@@ -322,6 +322,17 @@ class DomainData(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.weights[:] = state_dict["weights"]
         self.reference_losses = state_dict.get("reference_losses")
+
+
+MINIMUM_SIZES = {"seq_len": 2, "eval_seq_len": 2, "batch_size": 1, "val_rows": 1, "eval_rows": 1, "eval_blocks": 1}
+"""Smallest workable value of each size setting (a sequence needs two tokens for one next-token loss)."""
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """Raise a ``ValueError`` naming the first ``data.<size>`` below its minimum (None: no cap, allowed)."""
+    for name, value in sizes.items():
+        if value is not None and value < MINIMUM_SIZES[name]:
+            raise ValueError(f"data.{name} must be >= {MINIMUM_SIZES[name]}, got {value}")
 
 
 def evaluation_length(item: dict) -> int:

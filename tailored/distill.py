@@ -34,7 +34,8 @@ class DistillSettings:
     teacher: str = "tuned"
     """tuned: the dense weights with the current LoRA adapters; base: adapters off (the pretrained model)."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work."""
         if not 0 < self.weight <= 1:
             raise ValueError(f"distill.weight is the share of the distillation loss, in (0, 1]; got {self.weight}")
         if self.temperature <= 0:

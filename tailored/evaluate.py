@@ -13,6 +13,7 @@ Every task also reports its teacher-forced held-out ``loss`` (the signal of dyna
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,11 @@ def greedy_answers(model: nn.Module, batch: dict, tokenizer, max_new_tokens: int
 
 
 def recovery_table(
-    results: dict[str, dict[str, dict[str, float]]], kinds: dict[str, str], dense: str, tuned: str | None = None
+    results: dict[str, dict[str, dict[str, float]]],
+    kinds: dict[str, str],
+    dense: str,
+    tuned: str | None = None,
+    outside_average: Sequence[str] = (),
 ) -> dict:
     """Per task, each model's primary metric and its share of the dense model's ("% of dense", ATP's figure),
     and, when ``tuned`` is given, the pruned models' share of the tuned one's (what pruning costs at equal tuning).
@@ -176,6 +181,7 @@ def recovery_table(
         kinds: task name -> task kind.
         dense: the model name that every other is compared to.
         tuned: the dense model LoRA-tuned; the remaining models are compared to it as well.
+        outside_average: tasks shown but left out of the average (general text next to the domain's tasks).
     Returns:
         ``{"tasks": {task: {"metric", model: value, "<model> % of <reference>": share}}, "average": {"<model> % of
         <reference>": share}}``; perplexity's share is reference / model (lower is better), the others' model /
@@ -192,11 +198,12 @@ def recovery_table(
             value, reference = row[name], row[reference_name]
             share = reference / value if metric == "perplexity" else value / reference if reference else float("nan")
             row[f"{name} % of {reference_name}"] = 100 * share
-            shares[f"{name} % of {reference_name}"].append(100 * share)
+            if task not in outside_average:
+                shares[f"{name} % of {reference_name}"].append(100 * share)
         table[task] = row
     defined = {key: [value for value in values if not math.isnan(value)] for key, values in shares.items()}
     average = {key: sum(values) / len(values) if values else float("nan") for key, values in defined.items()}
-    return {"tasks": table, "average": average}
+    return {"tasks": table, "average": average, "outside_average": list(outside_average)}
 
 
 def format_recovery(report: dict) -> str:
@@ -205,11 +212,15 @@ def format_recovery(report: dict) -> str:
     shares = list(report["average"])
     models = [key for key in next(iter(tasks.values())) if key != "metric" and key not in shares]
     header = ["task", "metric", *models, *shares]
-    rows = [
-        [task, row["metric"], *(f"{row[m]:.4g}" for m in models), *(f"{row[key]:.1f}" for key in shares)]
-        for task, row in tasks.items()
-    ]
+    outside = report.get("outside_average", [])
+
+    def line(task: str) -> list[str]:
+        row = tasks[task]
+        return [task, row["metric"], *(f"{row[m]:.4g}" for m in models), *(f"{row[key]:.1f}" for key in shares)]
+
+    rows = [line(task) for task in tasks if task not in outside]
     rows.append(["average", "", *("" for _ in models), *(f"{report['average'][key]:.1f}" for key in shares)])
+    rows += [line(task) for task in outside]  # after the average, which leaves them out
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     return "\n".join(
         "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]

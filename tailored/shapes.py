@@ -37,7 +37,9 @@ class UniformShape:
             if not 1 <= getattr(self, name) <= getattr(full, name)
         ]
         if wrong:
-            raise ValueError("impossible uniform shape: " + ", ".join(wrong))
+            raise ValueError(
+                "impossible uniform shape: " + ", ".join(wrong) + "; give pruning.target_shape counts within those"
+            )
 
 
 def full_shape(structure: ModelStructure) -> UniformShape:

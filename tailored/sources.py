@@ -16,6 +16,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from tailored.models import cache_dir
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 """File suffix -> ``datasets`` builder. Text files give one row per line in a ``text`` column."""
 PYPI_PREFIX = "pypi:"
+FILE_SUFFIXES = {".tsv", ".xlsx", ".xls", ".ods", ".xml", ".html", ".md", ".pdf", ".docx", ".arrow", ".gz", ".zip"}
+"""Suffixes of files that are not readable sources (a hub dataset name has none of them)."""
 
 
 def within(task, data_dir: str):
@@ -50,26 +54,53 @@ def local_path(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist; fix the task's source path")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty; fill it or point the task's source to another file")
     return path
 
 
 def columns(source: str) -> list[str] | None:
     """Column names of a local source, read from its first row; None for hub datasets (known only after loading)."""
     if not is_local(source):
+        check_hub_name(source)
         return None
     path = local_path(source)
-    stream = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train", streaming=True)
+    with readable(path):
+        stream = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train", streaming=True)
+        first = next(iter(stream), None)
+    if first is None:
+        raise ValueError(f"data file {path} has no rows; fill it or point the task's source to another file")
+    return list(first.keys())
+
+
+def check_hub_name(source: str) -> None:
+    """A source that is not a supported local file is a hub dataset name; refuse one that is plainly a file."""
+    path = Path(source).expanduser()
+    if path.is_file() or path.suffix.lower() in FILE_SUFFIXES:
+        raise ValueError(
+            f"data file {source} has an unsupported type {path.suffix!r}; convert it to one of "
+            f"{', '.join(LOCAL_BUILDERS)}"
+        )
+
+
+@contextmanager
+def readable(path: Path) -> Iterator[None]:
+    """Report a file that ``datasets`` cannot parse (malformed JSON, a truncated line) as one ``ValueError``."""
     try:
-        return list(next(iter(stream)).keys())
-    except StopIteration:
-        raise ValueError(f"data file {path} has no rows") from None
+        yield
+    except Exception as error:  # pyarrow / datasets parse errors have no common base class
+        cause = (str(error.__cause__ or error).strip() or type(error).__name__).splitlines()[0]
+        raise ValueError(
+            f"data file {path} could not be read as {LOCAL_BUILDERS[path.suffix]} ({cause}); fix the file or its suffix"
+        ) from None
 
 
 def load_rows(source: str) -> datasets.Dataset:
     """All rows of a source (the ``train`` split of a hub dataset; ``name:config`` picks a config)."""
     if is_local(source):
         path = local_path(source)
-        return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+        with readable(path):
+            return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
     name, _, config = source.partition(":")
     return datasets.load_dataset(name, config or None, split="train")
 

@@ -128,6 +128,11 @@ def resolve_target(
         if not uniform:
             raise ValueError("pruning.target_shape describes a uniform model; set pruning.uniform: true")
         full = full_shape(structure)
+        unknown = sorted(set(shape) - set(full.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"pruning.target_shape: unknown {unknown}; give kept counts of {', '.join(full.__dataclass_fields__)}"
+            )
         target_shape = UniformShape(
             **{name: shape.get(name, getattr(full, name)) for name in full.__dataclass_fields__}
         )

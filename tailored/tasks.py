@@ -93,13 +93,25 @@ class Task:
             raise problem(f"weight must be positive, got {self.weight}")
         if self.shots < 0 or (self.shots and self.kind == "language_modeling"):
             raise problem("shots must be >= 0, and language_modeling tasks take none")
+        if self.max_new_tokens < 1:
+            raise problem(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise problem(f"max_rows must be >= 1 (or null: every row), got {self.max_rows}")
+        for template in (self.text, self.prompt, self.answer, *self.choices):
+            try:
+                template_fields(template)
+            except ValueError as error:
+                raise problem(
+                    f"template {template!r} is malformed ({error}); write fields as {{name}} and a literal brace as "
+                    "{{ or }}"
+                ) from None
 
     def fields(self) -> set[str]:
         """Data fields the templates read."""
         templates = [self.text] if self.kind == "language_modeling" else [self.prompt, self.answer]
         if self.kind == "multiple_choice":
             templates += self.choices
-        names = {name for template in templates for _, name, _, _ in string.Formatter().parse(template) if name}
+        names = {name for template in templates for name in template_fields(template)}
         return names | ({self.label} if self.label else set())
 
     def check_columns(self, columns: list[str], source: str) -> None:
@@ -113,6 +125,12 @@ class Task:
 
     def render(self, template: str, row: dict) -> str:
         """Fill ``template`` with a row's fields (list values joined by newlines)."""
+        empty = sorted(name for name in template_fields(template) if name in row and row[name] is None)
+        if empty:  # a JSON-lines row without the field: datasets fills it with None
+            raise ValueError(
+                f"task {self.name!r}: a row has no value for field {', '.join(empty)} ({row_excerpt(row)}); fill "
+                "or drop such rows"
+            )
         values = {key: "\n".join(map(str, value)) if isinstance(value, list) else value for key, value in row.items()}
         try:
             return template.format_map(values)
@@ -136,12 +154,32 @@ class Task:
         if self.kind == "classification":
             answer = self.render(self.answer, row)
             if answer not in self.choices:
-                raise ValueError(f"task {self.name!r}: answer {answer!r} is not one of the choices {self.choices}")
+                raise ValueError(
+                    f"task {self.name!r}: answer {answer!r} is not one of the choices {self.choices}; add it to the "
+                    "choices or fix the row"
+                )
             return self.choices.index(answer)
-        index = int(row[self.label])
+        try:
+            index = int(row[self.label])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"task {self.name!r}: label field {self.label!r} must hold the index of the correct option, got "
+                f"{row[self.label]!r}; point label to the field holding 0..{len(self.choices) - 1}"
+            ) from None
         if not 0 <= index < len(self.choices):
             raise ValueError(f"task {self.name!r}: label {index} is outside the {len(self.choices)} choices")
         return index
+
+
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names a template reads (``ValueError`` on a malformed template)."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def row_excerpt(row: dict, width: int = 80) -> str:
+    """The start of a row's JSON, to name it in an error."""
+    text = str(row)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_only: bool) -> dict[str, list[int]]:
@@ -150,6 +188,8 @@ def encode_example(task: Task, row: dict, tokenizer, max_length: int, response_o
     The answer keeps at most half of them; a longer prompt loses its middle (:func:`cut_middle`). With
     ``response_only`` the prompt tokens get label :data:`IGNORE_INDEX`, so the loss covers the answer only.
     """
+    if task.kind in ("classification", "multiple_choice"):
+        task.label_index(row)  # a training row with an answer outside the choices is an error, as a test row is
     answer_ids = tokenizer(task.target(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     answer_ids = answer_ids[: max_length // 2]
     prompt_ids = encode_prompt(task, row, tokenizer, max_length - len(answer_ids))

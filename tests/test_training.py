@@ -292,3 +292,39 @@ def test_every_config_file_matches_the_code(config, capsys):
     header = config.read_text().splitlines()[:12]
     assert any(line.startswith("# Run:") and f"configs/{config.name}" in line for line in header)
     assert any(line.startswith("# Override:") for line in header)
+
+
+def test_a_non_uniform_export_is_evaluated_by_test_and_recovery_with_general_text(tmp_path, tiny_model_dir, tiny_text):
+    pruning = {"target": 0.5, "units": ["groups", "channels", "attn", "mlp"], "uniform": False, "round_to": 1}
+    config = write_config(tmp_path / "fit.yaml", tiny_model_dir, tiny_text)
+    document = yaml.safe_load(config.read_text())
+    document["model"]["pruning"] = pruning
+    document["trainer"] |= {"max_steps": 30, "val_check_interval": 30}
+    config.write_text(yaml.safe_dump(document))
+    run(["fit", "-c", str(config)])
+    export = tmp_path / "run" / "lightning_logs" / "version_0" / "export"
+    report = json.loads((export / "pruning_report.json").read_text())
+    assert report["format"] == "tailored" and len({(x["kv_heads"], x["mlp_channels"]) for x in report["layers"]}) > 1
+
+    document["model"] = {"model": str(export), "pruning": None}  # the export is a model like any other
+    document["trainer"]["default_root_dir"] = str(tmp_path / "evaluation")
+    evaluation = tmp_path / "evaluate.yaml"
+    evaluation.write_text(yaml.safe_dump(document))
+    run(["test", "-c", str(evaluation)])
+    tested = json.loads(next((tmp_path / "evaluation").rglob("test_results.json")).read_text())
+    assert tested["words"]["perplexity"] > 1
+
+    document["model"]["model"] = str(tiny_model_dir)
+    recovery_config = tmp_path / "recovery.yaml"
+    recovery_config.write_text(yaml.safe_dump(document))
+    general = tmp_path / "general.txt"
+    general.write_text("\n".join(" ".join(f"w{3 + (7 * i + j) % 60}" for j in range(20)) for i in range(100)))
+    table = run(["recovery", "-c", str(recovery_config), "--pruned", str(export), "--general", str(general)])
+    assert table["tasks"]["words"]["pruned"] == pytest.approx(tested["words"]["perplexity"], rel=1e-5)
+    general_row = table["tasks"]["general"]
+    assert general_row["metric"] == "perplexity" and general_row["pruned"] > 1 and general_row["dense"] > 1
+    assert table["outside_average"] == ["general"]
+    assert table["average"]["pruned % of dense"] == pytest.approx(table["tasks"]["words"]["pruned % of dense"])
+
+    with pytest.raises(ValueError, match="non-uniform tailored export .* cannot be pruned again"):
+        run(["fit", "-c", str(evaluation), "--model.pruning.target", "0.5"])
