@@ -1,4 +1,4 @@
-"""How exactly a pruned model reproduces the masked model, measured against float32 rounding.
+"""How exactly a pruned model reproduces the masked model, measured against the rounding of the model's dtype.
 
 Masked and pruned models compute the same function, but not with the same operations: the pruned model folds
 soft gates into its weights, merges LoRA (``(W + BA) x`` instead of ``W x + B(A x)``) and sums fewer terms, so
@@ -6,6 +6,7 @@ its logits differ from the masked model's by rounding. How far rounding moves th
 a 1-dim RMSNorm or a residual stream that nearly cancels amplifies one unit in the last place (ulp) 100-1000x.
 :func:`rounding_sensitivity` measures that amplification on the masked model itself, which is the scale against
 which ``|pruned - masked|`` is judged (the tests, ``benchmarks/pruned_speed.py``, ``benchmarks/exactness_scan.py``).
+A bf16 model is judged the same way, with bf16's ulp (2**-7 instead of 2**-23; ``tests/test_bf16.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import torch
 from torch import nn
 
 from tailored.masking import GateHooks
+from tailored.prune import compute_dtype
 from tailored.structure import GateValues, unwrap
-
-ONE_ULP = 2.0**-23
-"""Relative spacing of float32 numbers: one unit in the last place of a number in [1, 2)."""
 
 
 @torch.no_grad()
@@ -35,11 +34,12 @@ def masked_logits(model: nn.Module, gates: GateValues, input_ids: torch.Tensor) 
 def rounding_sensitivity(
     model: nn.Module, gates: GateValues, input_ids: torch.Tensor, trials: int = 3, seed: int = 0
 ) -> float:
-    """How far float32 rounding alone moves the masked logits.
+    """How far rounding in the model's dtype alone moves the masked logits.
 
     The largest ``max |logits' - logits|`` over ``trials`` forwards in which the output of the embedding, every
-    RMSNorm, every ``o_proj`` and every ``down_proj`` is multiplied by ``1 + u * 2**-23`` with ``u ~ U(-1, 1)``
-    per element: at most one ulp of relative noise where rounding happens, and pruned units (zeros) stay zero.
+    RMSNorm, every ``o_proj`` and every ``down_proj`` is multiplied by ``1 + u * eps`` with ``u ~ U(-1, 1)`` per
+    element and ``eps`` the spacing of the output's dtype (2**-23 float32, 2**-7 bf16), computed in float32 and
+    rounded once: about one ulp of relative noise where rounding happens, and pruned units (zeros) stay zero.
     """
     base = unwrap(model).model
     sites = [base.embed_tokens, base.norm]
@@ -49,8 +49,9 @@ def rounding_sensitivity(
     generator = torch.Generator(device=reference.device).manual_seed(seed)
 
     def one_ulp_noise(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(output.shape, generator=generator, device=output.device, dtype=output.dtype)
-        return output * (1 + (noise * 2 - 1) * ONE_ULP)
+        wide = compute_dtype(output.dtype)
+        noise = torch.rand(output.shape, generator=generator, device=output.device, dtype=wide)
+        return (output.to(wide) * (1 + (noise * 2 - 1) * torch.finfo(output.dtype).eps)).to(output.dtype)
 
     largest = 0.0
     for _ in range(trials):

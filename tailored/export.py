@@ -33,7 +33,7 @@ REMOTE_CODE_NAME = "modeling_tailored.py"
 def pruning_report(structure: ModelStructure, gates: GateValues, source: str | None = None) -> dict[str, Any]:
     """Sizes before and after pruning with deterministic ``gates``, and what every kept layer keeps."""
     plan: PruningPlan = plan_pruning(structure, gates)
-    before = int(parameter_count(structure, GateValues.ones(structure)))
+    before = int(parameter_count(structure, GateValues.ones(structure, device="cpu")))  # from the structure alone
     after = int(parameter_count(structure, gates.kept()))
     return {
         "source_model": source,

@@ -83,24 +83,48 @@ class PruningGates(nn.Module):
         self.structure, self.target = structure, target
         self.prune = tuple(name for name in UNIT_TYPES if name in prune)
         shapes = unit_shapes(structure)
+        fp32 = torch.float32  # explicit: Lightning builds the module under its precision's default dtype
         if logits == "direct":
             self.log_alpha = nn.ParameterDict(
-                {name: nn.Parameter(torch.randn(shapes[name]) * init_std + init_log_alpha) for name in self.prune}
+                {
+                    name: nn.Parameter(torch.randn(shapes[name], dtype=fp32) * init_std + init_log_alpha)
+                    for name in self.prune
+                }
             )
         else:
             self.generator = DecisionGenerator(structure, self.prune, init_log_alpha, init_std)
         constraints = 0 if target is None else len(constraint_values(target, structure, self._ones())[0])
-        self.lambda_1 = nn.Parameter(torch.zeros(constraints))
-        self.lambda_2 = nn.Parameter(torch.full((constraints,), float(penalty_init)))
+        self.lambda_1 = nn.Parameter(torch.zeros(constraints, dtype=fp32))
+        self.lambda_2 = nn.Parameter(torch.full((constraints,), float(penalty_init), dtype=fp32))
         for name, shape in shapes.items():
-            self.register_buffer(f"frozen_{name}", torch.ones(shape))
+            self.register_buffer(f"frozen_{name}", torch.ones(shape, dtype=fp32))
         for name in self.prune:  # importance ranks in [0, 1] (1: most important); 0 without a prior
-            self.register_buffer(f"prior_{name}", torch.zeros(shapes[name]))
+            self.register_buffer(f"prior_{name}", torch.zeros(shapes[name], dtype=fp32))
         self.register_buffer("is_frozen", torch.tensor(False))
         self.init_log_alpha = init_log_alpha
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move, never cast: ``.to(device)``/``.cuda()`` move the gates, a dtype change is dropped (all float32).
+
+        Lightning's ``trainer.precision: bf16-true`` (and ``16-true``) runs ``module.to(bfloat16)`` on the whole
+        LightningModule. In bf16 a logit near 5 moves in steps of 1/32, so the gates' small updates, the 1e-3
+        importance tie-break and the multipliers' slow ascent would be rounded away, and the final top-k would rank
+        ties. These tensors hold at most a few million numbers: keeping them float32 costs nothing, and keeps
+        bf16-true usable (LoRA then trains in bf16, as the user asked) rather than refused. The cast is dropped,
+        not undone: the tensor is moved from its float32 value, so nothing is rounded on the way.
+        """
+
+        def move_only(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if converted.dtype == tensor.dtype or not tensor.is_floating_point():
+                return converted
+            return tensor.to(device=converted.device)
+
+        return super()._apply(move_only, recurse)
+
     def _ones(self) -> GateValues:
-        return GateValues.ones(self.structure)
+        """Dense gates on the CPU: only counted, at construction."""
+        return GateValues.ones(self.structure, device="cpu")
 
     def log_alphas(self) -> dict[str, torch.Tensor]:
         """The gate logits of each pruned unit type."""

@@ -11,9 +11,14 @@ linear head maps each layer's encoding to the logits of that layer's units::
         hidden   [d]      = mean_l(h) @ W_hidden [64, d] + b             (model-wide)
 
 Here the logits are the ``log_alpha`` of the hard-concrete gates, so the rest of the method is unchanged.
+
+The generator is float32 throughout: built so under any default dtype, kept so by
+:meth:`tailored.gates.PruningGates._apply`, and run with autocast off (``bf16-mixed`` would run its matmuls in bf16).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -40,9 +45,10 @@ class DecisionGenerator(nn.Module):
     ) -> None:
         super().__init__()
         L = structure.num_layers
-        self.register_buffer("layer_embeddings", torch.randn(L, EMBEDDING_DIM))
+        fp32 = torch.float32
+        self.register_buffer("layer_embeddings", torch.randn(L, EMBEDDING_DIM, dtype=fp32))
         block = nn.TransformerEncoderLayer(
-            EMBEDDING_DIM, ENCODER_HEADS, 4 * EMBEDDING_DIM, dropout=0.0, batch_first=True
+            EMBEDDING_DIM, ENCODER_HEADS, 4 * EMBEDDING_DIM, dropout=0.0, batch_first=True, dtype=fp32
         )
         self.encoder = nn.TransformerEncoder(block, ENCODER_LAYERS, enable_nested_tensor=False)
         shapes = unit_shapes(structure)
@@ -51,18 +57,26 @@ class DecisionGenerator(nn.Module):
         for name in prune:
             width = shapes[name][-1] if name in ("groups", "channels", "hidden") else 1
             layers = () if name == "hidden" else (L,)
-            self.weights[name] = nn.Parameter(torch.randn(*layers, EMBEDDING_DIM, width) * init_std)
-            self.biases[name] = nn.Parameter(torch.full(shapes[name], init_log_alpha))
+            self.weights[name] = nn.Parameter(torch.randn(*layers, EMBEDDING_DIM, width, dtype=fp32) * init_std)
+            self.biases[name] = nn.Parameter(torch.full(shapes[name], init_log_alpha, dtype=fp32))
 
     def forward(self) -> dict[str, torch.Tensor]:
-        """Logits per pruned unit type, shaped as :func:`tailored.structure.unit_shapes`."""
-        encoded = self.encoder(self.layer_embeddings[None])[0]  # [L, 64]
-        logits = {}
-        for name, weight in self.weights.items():
-            if name == "hidden":
-                out = encoded.mean(0) @ weight  # [d]
-            else:
-                out = torch.einsum("le,lew->lw", encoded, weight)  # [L, width]
-                out = out.squeeze(-1) if name in ("attn", "mlp", "layers") else out
-            logits[name] = out + self.biases[name]
+        """Logits per pruned unit type, shaped as :func:`tailored.structure.unit_shapes`, in float32."""
+        with autocast_off(self.layer_embeddings.device):
+            encoded = self.encoder(self.layer_embeddings[None])[0]  # [L, 64]
+            logits = {}
+            for name, weight in self.weights.items():
+                if name == "hidden":
+                    out = encoded.mean(0) @ weight  # [d]
+                else:
+                    out = torch.einsum("le,lew->lw", encoded, weight)  # [L, width]
+                    out = out.squeeze(-1) if name in ("attn", "mlp", "layers") else out
+                logits[name] = out + self.biases[name]
         return logits
+
+
+def autocast_off(device: torch.device):
+    """A context in which autocast (Lightning's ``*-mixed`` precision) leaves ``device``'s matmuls alone."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()  # meta and other devices without autocast

@@ -51,6 +51,7 @@ class GateHooks:
         self.structure: ModelStructure = describe(model)
         self._values: _ActiveGates | None = None
         base = unwrap(model)
+        self._embedding = base.model.embed_tokens  # its weight's device is where the activations are
         self._handles = [base.model.embed_tokens.register_forward_hook(self._scale_embedding)]
         for index, layer in enumerate(base.model.layers):
             attn_out, mlp_out = layer.self_attn.o_proj, layer.mlp.down_proj
@@ -77,9 +78,13 @@ class GateHooks:
 
     def activate(self, gates: GateValues) -> None:
         """Apply ``gates`` until :meth:`deactivate`. Training keeps them active through ``backward()``: gradient
-        checkpointing re-runs each layer's forward there, and it must re-run the masked one."""
+        checkpointing re-runs each layer's forward there, and it must re-run the masked one.
+
+        Gates on another device than the model (CPU gates, a GPU model) are moved to the model's device.
+        """
         check_gate_shapes(self.structure, gates)
-        self._values = _ActiveGates(self.structure, gates)
+        device = self._embedding.weight.device
+        self._values = _ActiveGates(self.structure, gates.map(lambda value: value.to(device)))
 
     def deactivate(self) -> None:
         """Back to the dense forward."""

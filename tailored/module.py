@@ -625,7 +625,7 @@ class TailoredModule(L.LightningModule):
     def final_gates(self) -> GateValues:
         """The gates the exported model realises: frozen ones, else those meeting the target exactly."""
         if self.target is None:
-            return GateValues.ones(self.structure)
+            return GateValues.ones(self.structure, device=self.device)
         return self.gates.frozen() if self.gates.is_frozen else self.gates.target_gates()
 
     @torch.no_grad()

@@ -14,6 +14,10 @@ channel's its column of ``down_proj``; the block and layer gates scale ``o_proj`
 bias), since the masked forward multiplies their outputs. Hidden gates are 0/1 (see
 :meth:`tailored.gates.PruningGates.deterministic`), so hidden dims are only sliced. LoRA is merged first
 (``W + B A * alpha / r``), which is exact because the masked forward gates the whole LoRA-wrapped projection.
+
+Precision: merging and folding run in float32 (float64 for a float64 model), and every tensor is rounded to the
+model's dtype once, at the end. A bf16 model's ``o_proj`` is ``bf16((W + B A * alpha / r) * gates)``, not a bf16
+sum rounded again by the fold.
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ def plan_pruning(structure: ModelStructure, gates: GateValues) -> PruningPlan:
     """The units kept by deterministic ``gates`` (a unit survives when its gate and its parents' gates are > 0).
 
     Raises ``ValueError`` for gates of the wrong shape, soft hidden gates, and gates that remove every hidden dim
-    or every layer.
+    or every layer. The plan is host data: gates on a GPU are copied to the CPU once, not read unit by unit.
     """
     check_gate_shapes(structure, gates)
+    gates = gates.map(lambda value: value.detach().cpu())
     if not bool(((gates.hidden == 0) | (gates.hidden == 1)).all()):
         raise ValueError("hidden gates must be exactly 0 or 1 for surgery (use PruningGates.deterministic())")
     hidden = _indices(gates.hidden)
@@ -134,7 +139,11 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 
 def merged_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight ``[out, in]`` and bias of a linear layer, with its active peft LoRA adapters merged in."""
+    """Weight ``[out, in]`` and bias of a linear layer, with its active peft LoRA adapters merged in.
+
+    A merged weight is returned in :func:`compute_dtype` (float32 for a bf16 layer), unrounded: the caller rounds
+    it to the model's dtype once. Without adapters the stored weight is returned as it is.
+    """
     base = base_layer(module)
     weight = base.weight
     if hasattr(module, "lora_A") and not module.merged and not module.disable_adapters:
@@ -143,20 +152,27 @@ def merged_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
                 continue
             if module.lora_bias.get(adapter, False):
                 raise NotImplementedError("LoRA adapters with lora_bias=True cannot be merged for pruning yet")
-            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            dtype = compute_dtype(weight.dtype)
+            weight = weight.to(dtype) + module.get_delta_weight(adapter).to(dtype)
     return weight, base.bias
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype surgery computes in: float32, or ``dtype`` when it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @torch.no_grad()
 def pruned_state_dict(model: nn.Module, gates: GateValues, plan: PruningPlan) -> dict[str, torch.Tensor]:
     """The state dict of the pruned model, keyed as the pruned Hugging Face model names its tensors.
 
-    ``model`` may carry peft LoRA adapters (merged here). Soft gate values are folded in float32 (or float64 for a
-    float64 model), then cast back to each weight's dtype.
+    ``model`` may carry peft LoRA adapters (merged here). Merging and folding run in :func:`compute_dtype`; every
+    tensor is then rounded to the model's dtype (its embedding's) once, layer by layer, so that no more than one
+    layer is held in the wider dtype. Tensors are made on the model's device.
     """
     structure = describe(model)
     base = unwrap(model)
-    device = base.model.embed_tokens.weight.device
+    device, dtype = base.model.embed_tokens.weight.device, base.model.embed_tokens.weight.dtype
     gates = gates.map(lambda value: value.to(device))
     hidden = torch.tensor(plan.hidden, device=device)
     state = {
@@ -167,17 +183,24 @@ def pruned_state_dict(model: nn.Module, gates: GateValues, plan: PruningPlan) ->
     state["lm_head.weight"] = state["model.embed_tokens.weight"] if structure.tied_embeddings else lm_weight[:, hidden]
     if lm_bias is not None:
         state["lm_head.bias"] = lm_bias
+    state = _rounded(state, dtype)
     for new_index, layer_plan in enumerate(plan.layers):
         layer = base.model.layers[layer_plan.source]
         prefix = f"model.layers.{new_index}."
         source = layer_plan.source
         if layer_plan.groups:
             scale = gates.attn[source] * gates.layers[source]
-            state |= _attention_state(prefix, layer, structure, gates.groups[source], layer_plan, hidden, scale)
+            attention = _attention_state(prefix, layer, structure, gates.groups[source], layer_plan, hidden, scale)
+            state |= _rounded(attention, dtype)
         if layer_plan.channels:
             scale = gates.mlp[source] * gates.layers[source]
-            state |= _mlp_state(prefix, layer, gates.channels[source], layer_plan, hidden, scale)
-    return {name: tensor.contiguous() for name, tensor in state.items()}
+            state |= _rounded(_mlp_state(prefix, layer, gates.channels[source], layer_plan, hidden, scale), dtype)
+    return state
+
+
+def _rounded(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` in ``dtype`` (rounded once from its merged and folded value), contiguous."""
+    return {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
 
 
 def _attention_state(prefix, layer, structure, group_gates, layer_plan, hidden, scale) -> dict[str, torch.Tensor]:
@@ -225,9 +248,9 @@ def _mlp_state(prefix, layer, channel_gates, layer_plan, hidden, scale) -> dict[
 
 
 def _fold(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``tensor * scale`` computed in float32 or wider (float64 stays float64), returned in ``tensor``'s dtype."""
-    dtype = torch.promote_types(tensor.dtype, torch.float32)
-    return (tensor.to(dtype) * scale.to(dtype)).to(tensor.dtype)
+    """``tensor * scale`` in :func:`compute_dtype`, unrounded (:func:`_rounded` rounds it once)."""
+    dtype = compute_dtype(tensor.dtype)
+    return tensor.to(dtype) * scale.to(dtype)
 
 
 @torch.no_grad()

@@ -53,8 +53,8 @@ def full_shape(structure: ModelStructure) -> UniformShape:
 
 
 def shape_parameter_count(structure: ModelStructure, shape: UniformShape) -> int:
-    """Exact parameters of a model of this shape."""
-    kept = GateValues.ones(structure)
+    """Exact parameters of a model of this shape (host arithmetic on the structure: the count is made on the CPU)."""
+    kept = GateValues.ones(structure, device="cpu")
     kept.groups[:, shape.groups :] = 0
     kept.channels[:, shape.channels :] = 0
     kept.hidden[shape.hidden :] = 0
@@ -87,7 +87,8 @@ def shape_gates(structure: ModelStructure, shape: UniformShape, scores: GateValu
     and hidden dims.
 
     With ``soft`` the scores are gate logits and kept units carry their soft value
-    ``sigmoid(log_alpha / beta * 0.8)`` (hidden dims stay 1); otherwise kept units are 1.
+    ``sigmoid(log_alpha / beta * 0.8)`` (hidden dims stay 1); otherwise kept units are 1. The gates are made on the
+    scores' device, in their dtype.
     """
     shape.check(structure)
 
@@ -96,11 +97,12 @@ def shape_gates(structure: ModelStructure, shape: UniformShape, scores: GateValu
         values = hard_concrete.soft_value(score) if soft and not hard else torch.ones_like(score)
         return hard_concrete.keep_top_k(score, values, count)
 
+    groups = keep("groups", shape.groups)
     return GateValues(
-        groups=keep("groups", shape.groups),
+        groups=groups,
         channels=keep("channels", shape.channels),
-        attn=torch.ones(structure.num_layers),
-        mlp=torch.ones(structure.num_layers),
+        attn=groups.new_ones(structure.num_layers),  # every kept layer keeps both blocks
+        mlp=groups.new_ones(structure.num_layers),
         layers=keep("layers", shape.layers),
         hidden=keep("hidden", shape.hidden, hard=True),
     )

@@ -95,9 +95,13 @@ class GateValues:
     hidden: torch.Tensor
 
     @classmethod
-    def ones(cls, structure: ModelStructure, dtype: torch.dtype = torch.float32) -> GateValues:
-        """Every unit kept with gate 1: the dense model."""
-        return cls(**{name: torch.ones(shape, dtype=dtype) for name, shape in unit_shapes(structure).items()})
+    def ones(
+        cls, structure: ModelStructure, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> GateValues:
+        """Every unit kept with gate 1: the dense model, on ``device`` (None: torch's default device)."""
+        return cls(
+            **{name: torch.ones(shape, dtype=dtype, device=device) for name, shape in unit_shapes(structure).items()}
+        )
 
     def kept(self) -> GateValues:
         """0/1 indicators of the units these gates keep (gate > 0)."""

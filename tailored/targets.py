@@ -42,8 +42,8 @@ class SparsityTarget:
 
 
 def prunable_bounds(structure: ModelStructure, prune: tuple[str, ...]) -> tuple[float, float]:
-    """(parameters no pruned unit can remove, all parameters)."""
-    dense = GateValues.ones(structure)
+    """(parameters no pruned unit can remove, all parameters): host arithmetic on the structure, on the CPU."""
+    dense = GateValues.ones(structure, device="cpu")
     floor = dense.map(lambda value: value.clone())
     for name in prune:
         getattr(floor, name).zero_()
@@ -158,10 +158,12 @@ def resolve_target(
 def constraint_values(
     target: SparsityTarget, structure: ModelStructure, probs: GateValues
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expected, target) fractions of every constraint, ``[K]`` each, differentiable in the keep probabilities."""
+    """(expected, target) fractions of every constraint, ``[K]`` each, float32 on the probabilities' device,
+    differentiable in the keep probabilities."""
     if target.shape is None:
         expected = prunable_fraction(structure, target.prune, parameter_count(structure, probs))
-        return expected.reshape(1).float(), torch.tensor([target.fraction], device=probs.hidden.device)
+        wanted = torch.tensor([target.fraction], dtype=torch.float32, device=probs.hidden.device)
+        return expected.reshape(1).float(), wanted
     full = full_shape(structure)
     expected, wanted = [], []
     for name, per_layer in (("groups", True), ("channels", True), ("hidden", False), ("layers", False)):
