@@ -62,13 +62,27 @@ def hidden_multiple(structure: ModelStructure, groups: int, round_to: int) -> in
     return math.lcm(round_to, heads) if structure.family == "llama" else round_to
 
 
+def stock_group_count(structure: ModelStructure, groups: int) -> int:
+    """The KV-group count nearest ``groups`` (the larger on a tie) whose query heads divide the full hidden size.
+
+    Llama's config refuses a hidden size that is not a multiple of the query-head count, so with the hidden size
+    kept whole a stock export needs such a count (Llama-3-8B, 8 groups of 4 heads, hidden 4096: 1, 2, 4 or 8);
+    other families take any count.
+    """
+    if structure.family != "llama":
+        return groups
+    allowed = [g for g in range(1, structure.num_kv_heads + 1) if structure.hidden_size % (g * structure.n_rep) == 0]
+    return min(allowed, key=lambda g: (abs(g - groups), -g))
+
+
 def uniform_shape_for_fraction(
     structure: ModelStructure, prune: tuple[str, ...], fraction: float, round_to: int = 8
 ) -> UniformShape:
     """A uniform shape keeping ``fraction`` of the prunable parameters.
 
     Every pruned unit type keeps the same fraction ``r`` of its units (found by bisection), counts rounded (hidden
-    to a multiple of :func:`hidden_multiple`, channels to ``round_to``), then the channel count is fitted to meet
+    to a multiple of :func:`hidden_multiple`, groups by :func:`stock_group_count` when the hidden size is kept,
+    channels to ``round_to``), then the channel count is fitted to meet
     the target as closely as channels allow. Raises ``ValueError`` when the closest shape misses the target by more
     than :data:`FRACTION_TOLERANCE`.
     """
@@ -83,6 +97,8 @@ def uniform_shape_for_fraction(
             return min(size, max(multiple, round(r * size / multiple) * multiple))
 
         groups = kept("groups", full.groups)
+        if "hidden" not in prune:  # a pruned hidden size is rounded to a multiple of the heads instead
+            groups = stock_group_count(structure, groups)
         return UniformShape(
             groups=groups,
             channels=kept("channels", full.channels, min(round_to, full.channels)),

@@ -33,9 +33,9 @@ spec.loader.exec_module(memory_arithmetic)
 CONFIG = ROOT / "configs" / "llama3-8b-medical.yaml"
 LLAMA3_8B_PARAMETERS = 8_030_261_248
 """``sum(p.numel())`` of Llama-3-8B: 8.03B (untied embeddings, 32 layers of 218,112,000)."""
-TARGET_SHAPE = UniformShape(groups=5, channels=8512, hidden=4096, layers=32)
+TARGET_SHAPE = UniformShape(groups=4, channels=8960, hidden=4096, layers=32)
 """The config's target (0.6 of the prunable parameters, KV groups and channels, channels a multiple of 64)."""
-PRUNED_PARAMETERS = 5_236_854_784
+PRUNED_PARAMETERS = 5_245_243_392
 
 
 def meta_model(name: str, dtype: torch.dtype):
@@ -101,13 +101,13 @@ def test_gates_on_meta_and_surgery_of_the_meta_model_give_the_target_shape(modul
     pruned = prune_model(module.model, gates)
     assert sum(p.numel() for p in pruned.parameters()) == PRUNED_PARAMETERS
     assert {(p.device.type, p.dtype) for p in pruned.parameters()} == {("meta", torch.bfloat16)}
-    assert [layer.self_attn.k_proj.out_features // 128 for layer in pruned.model.layers] == [5] * 32
-    assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [8512] * 32
-    # 5 KV groups are 20 query heads, and Llama's config refuses a hidden size (4096) that is not a multiple of
-    # them: this export is the tailored format, not the stock LlamaForCausalLM the config's header promises
+    assert [layer.self_attn.k_proj.out_features // 128 for layer in pruned.model.layers] == [4] * 32
+    assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [8960] * 32
+    # 4 KV groups are 16 query heads, a divisor of the hidden size (4096) as Llama's config needs (5 groups, the
+    # unrounded share, would not be): the export is the stock LlamaForCausalLM the config's header promises
     plan = plan_pruning(module.structure, gates)
-    assert plan.uniform and not is_stock_layout(module.structure, plan)
-    assert type(pruned).__name__ == "TailoredLlamaForCausalLM"
+    assert plan.uniform and is_stock_layout(module.structure, plan)
+    assert type(pruned).__name__ == "LlamaForCausalLM"
 
 
 def test_memory_arithmetic_writes_the_table_the_readme_shows(tmp_path, capsys):
