@@ -14,13 +14,15 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tailored.module import TailoredModule
+from tailored.sharding import gathered_model, is_sharded
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
 
 class ExportPruned(L.Callback):
-    """When ``fit`` ends: prune with the final gates, merge LoRA, save model + tokenizer + report.
+    """When ``fit`` ends: prune with the final gates, merge LoRA, save model + tokenizer + report (FSDP: the full
+    model gathered on rank 0).
 
     The export goes to ``<log dir>/<dirname>``; the report is also logged as TensorBoard text.
 
@@ -36,9 +38,10 @@ class ExportPruned(L.Callback):
         if not self.enabled or trainer.interrupted:
             return
         path = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname  # every rank: log_dir broadcasts
+        full = gathered_model(module) if is_sharded(module) else None  # FSDP: every rank sends its shards to rank 0
         if not trainer.is_global_zero:
             return
-        report = module.export(path)
+        report = module.export(path, model=full)
         parameters = report["parameters"]
         kind = "pruned" if module.target is not None else "tuned (not pruned)"
         summary = (

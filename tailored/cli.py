@@ -8,9 +8,17 @@ One node, one process (CPU or one GPU)::
     tailored export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out exports/quickstart
     tailored recovery -c configs/quickstart.yaml --pruned <export> --tuned <export of a pruning: null run>
 
-Several GPUs or nodes (Lightning launches the processes; run the same command on every node)::
+Several GPUs of one node (Lightning launches the processes): DDP when the model fits one GPU, FSDP2 to shard it
+over every GPU (tailored.sharding)::
 
-    tailored fit -c configs/llama3-8b-medical.yaml --trainer.devices 8 --trainer.num_nodes 2
+    tailored fit -c configs/llama3-8b-medical.yaml --trainer.devices 8 --model.pruning.prune_at_recovery false
+    tailored fit -c configs/fsdp.yaml
+
+Several nodes, the same config (README, "Several GPUs and nodes", has the SLURM script)::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint <node 0>:29500 \\
+        -m tailored.cli fit -c configs/fsdp.yaml --trainer.num_nodes 2                      # on every node
+    srun --kill-on-bad-exit=1 tailored fit -c configs/fsdp.yaml --trainer.num_nodes 2       # in an sbatch job
 
 ``tailored fit --help`` lists every option with its documentation; ``--print_config`` prints the full config.
 """
@@ -37,7 +45,9 @@ from tailored.data import DomainData
 from tailored.evaluate import format_recovery, recovery_table
 from tailored.models import check_model_name
 from tailored.module import TailoredModule
+from tailored.sharding import METADATA_NAME, is_sharded_checkpoint, one_process_checkpoint
 from tailored.tasks import Task
+from tailored.watchdog import RankFailure, RankWatchdog
 
 
 def checkpoint_dir(root: str | None) -> str:
@@ -55,6 +65,7 @@ class TailoredCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(ExportPruned, "export")
         parser.add_lightning_class_args(GateMonitor, "gate_monitor")
+        parser.add_lightning_class_args(RankWatchdog, "watchdog")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The trainer, printing :class:`LineProgress` lines when the output is not a terminal (a log file), where
@@ -84,7 +95,7 @@ def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") 
     ``last`` may find nothing when fitting (the run starts fresh), not when evaluating: that would silently
     evaluate the untrained model.
     """
-    if ckpt_path == "last" and subcommand != "fit" and not Path(checkpoint_dir(root), "last.ckpt").is_file():
+    if ckpt_path == "last" and subcommand != "fit" and not Path(checkpoint_dir(root), "last.ckpt").exists():
         raise FileNotFoundError(
             f"--ckpt_path last: {checkpoint_dir(root)} has no last.ckpt; check trainer.default_root_dir "
             "(the fit run's), or pass a checkpoint file"
@@ -92,14 +103,14 @@ def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") 
     if ckpt_path in (None, "last", "best", "hpc"):
         return
     path = Path(ckpt_path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):  # an FSDP checkpoint is a folder
         raise IsADirectoryError(f"checkpoint {path} is a folder; pass a checkpoint file in it, e.g. {path}/last.ckpt")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; checkpoints of this run are in {checkpoint_dir(root)}"
         )
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        torch.load(path / METADATA_NAME if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # any unpickling failure means the same thing to the user
         raise ValueError(
             f"checkpoint {path} is corrupt or not a tailored checkpoint ({error}); use another one"
@@ -110,7 +121,8 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     """Export the pruned model of a ``tailored fit`` checkpoint (any step), as the end of training would.
 
     Args:
-        ckpt_path: a checkpoint written by ``tailored fit`` (e.g. ``runs/<run>/checkpoints/last.ckpt``).
+        ckpt_path: a checkpoint written by ``tailored fit`` (e.g. ``runs/<run>/checkpoints/last.ckpt``; a folder for
+            an FSDP run, read on this one process).
         out: folder to write the model, tokenizer and pruning_report.json to (must not exist unless overwrite).
         overwrite: replace an existing non-empty ``out``.
     """
@@ -119,7 +131,7 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
         raise FileExistsError(f"--out {out} is a file; choose a folder path for the export")
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds files; choose a new folder or pass --overwrite true")
-    module = TailoredModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    module = TailoredModule.load_from_checkpoint(one_process_checkpoint(ckpt_path), map_location="cpu")
     report = module.export(out, overwrite=overwrite)
     parameters = report["parameters"]
     print(f"pruned model saved to {out}: {parameters['after']:,} parameters ({parameters['kept_fraction']:.1%})")
@@ -256,7 +268,7 @@ def main() -> None:
             raise
         command = " ".join(sys.argv[1:2])
         sys.exit(f"tailored: error: {argument_problem(error)} (tailored {command} --help lists the options)")
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, RankFailure) as error:
         if os.environ.get("TAILORED_TRACEBACK"):
             raise
         sys.exit(f"tailored: error: {error}")

@@ -152,8 +152,13 @@ def option_log_likelihoods(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_answers(model: nn.Module, batch: dict, tokenizer, max_new_tokens: int, stop: str) -> list[str]:
-    """Greedy continuations of the left-padded prompts, each cut at the first ``stop``."""
+def greedy_answers(
+    model: nn.Module, batch: dict, tokenizer, max_new_tokens: int, stop: str, synced: bool = False
+) -> list[str]:
+    """Greedy continuations of the left-padded prompts, each cut at the first ``stop``.
+
+    ``synced``: every rank keeps stepping until all are done (a sharded model's forward is a collective).
+    """
     prompts = batch["prompt_input_ids"]
     output = model.generate(
         input_ids=prompts,
@@ -161,6 +166,7 @@ def greedy_answers(model: nn.Module, batch: dict, tokenizer, max_new_tokens: int
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced,
     )
     texts = tokenizer.batch_decode(output[:, prompts.shape[1] :], skip_special_tokens=True)
     return [text.lstrip().split(stop)[0].strip() if stop else text.strip() for text in texts]

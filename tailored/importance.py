@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tailored.prune import base_layer
 from tailored.structure import ModelStructure, describe, unit_shapes, unwrap
@@ -59,9 +60,10 @@ class _UnitScores:
 
     @torch.no_grad()
     def add(self, name: str, layer: int, scores: torch.Tensor) -> None:
-        """Add the element-wise ``scores`` of projection ``name`` of ``layer`` to its units' sums."""
+        """Add the element-wise ``scores`` of projection ``name`` of ``layer`` to its units' sums (scores of an
+        FSDP-sharded weight are gathered whole first: every rank adds the same sums)."""
         s = self.structure
-        scores = scores.double()
+        scores = (scores.full_tensor() if isinstance(scores, DTensor) else scores).double()
         if name == "embed":  # [V, d]: embedding or lm_head
             self.hidden += scores.sum(0)
         elif name in ("q_proj", "k_proj", "v_proj"):  # [Hkv * rows_per_group, d]

@@ -39,6 +39,7 @@ from tailored.masking import GateHooks
 from tailored.models import check_model_name, is_pruned_export, load_config, load_model, load_tokenizer
 from tailored.prune import prune_model
 from tailored.shapes import shape_gates
+from tailored.sharding import average_gradients, is_sharded, shard
 from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
 from tailored.targets import SparsityTarget, prunable_fraction, resolve_target
 from tailored.tasks import IGNORE_INDEX
@@ -262,10 +263,17 @@ class TailoredModule(L.LightningModule):
             )
         settings = self.pruning_settings
         swaps_model = settings is not None and (settings.two_stage or settings.prune_at_recovery)
-        if swaps_model and self.trainer.world_size > 1:
+        if swaps_model and (self.trainer.world_size > 1 or is_sharded(self)):
             raise ValueError(
                 "pruning.method baselines and pruning.prune_at_recovery swap in the pruned model mid-run, which works "
-                "on one process only for now; train on one device, or set pruning.prune_at_recovery false (one_stage)"
+                "on one process only for now (not with several, nor with FSDP, where the model is sharded); train on "
+                "one device, or set pruning.prune_at_recovery false (one_stage)"
+            )
+        if is_sharded(self) and settings is not None and settings.importance == "taylor":
+            raise ValueError(
+                "pruning.importance taylor needs gradients of the frozen base weights next to the LoRA ones, which "
+                "FSDP cannot reduce in one unit (bf16 base, fp32 LoRA); with FSDP use importance magnitude, random or "
+                "null"
             )
 
     # ---- building --------------------------------------------------------------------------------------------
@@ -293,6 +301,8 @@ class TailoredModule(L.LightningModule):
                 penalty_init=pruning.penalty_init,
             ).to(self.device)
             self.hooks = GateHooks(self.model)
+        if is_sharded(self):  # FSDP2: after the hooks and the structure, which read whole modules
+            shard(self.model, self.trainer.strategy)
 
     def lora_config(self) -> LoraConfig:
         settings = self.lora_settings
@@ -478,6 +488,11 @@ class TailoredModule(L.LightningModule):
             for parameter in self.gates.parameters():
                 parameter.grad = None
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
+        if self.target is not None and is_sharded(self):
+            average_gradients(self.gates.parameters())
+
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step, then the logit clamp: before any callback (a checkpoint) sees the parameters."""
         super().optimizer_step(*args, **kwargs)
@@ -502,7 +517,9 @@ class TailoredModule(L.LightningModule):
                 metrics.update_options(scores, batch["option_lengths"], batch["label"])
             if "references" in batch:
                 tokenizer = self.trainer.datamodule.tokenizer
-                answers = greedy_answers(self.model, batch, tokenizer, task.max_new_tokens, task.stop)
+                answers = greedy_answers(
+                    self.model, batch, tokenizer, task.max_new_tokens, task.stop, synced=is_sharded(self)
+                )
                 metrics.update_answers(answers, batch["references"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -629,18 +646,24 @@ class TailoredModule(L.LightningModule):
         return self.gates.frozen() if self.gates.is_frozen else self.gates.target_gates()
 
     @torch.no_grad()
-    def export(self, path: str | Path, overwrite: bool = False) -> dict:
-        """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report."""
+    def export(self, path: str | Path, overwrite: bool = False, model: torch.nn.Module | None = None) -> dict:
+        """Prune (merging LoRA), save model + tokenizer + report to ``path``; return the report.
+
+        ``model``: an unsharded copy of :attr:`model` to export instead, merged or pruned without a further copy (FSDP:
+        :func:`tailored.sharding.gathered_model`).
+        """
+        source, merge = (self.model, merged_copy) if model is None else (model, merged)
         if self.structure is None:  # a non-uniform export, tuned as it is: merge the adapters, nothing to prune
-            pruned = merged_copy(self.model)
+            pruned = merge(source)
             count = sum(parameter.numel() for parameter in pruned.parameters())
             report = {"source_model": self.model_name, "format": "tailored", "parameters": {"after": count}}
             report["trained_steps"] = max(self.global_step, self.checkpoint_step)
             save_pruned(pruned, path, tokenizer=load_tokenizer(self.model_name), report=report, overwrite=overwrite)
             return report
         gates = self.final_gates().map(lambda value: value.detach().float())
-        # already pruned (maybe a tailored_* layout): merge the adapters into a copy
-        pruned = merged_copy(self.model) if self.pruned_now else prune_model(self.model, gates)
+        # already pruned (maybe a tailored_* layout), or a gathered copy that keeps every unit: merge the adapters
+        nothing_to_prune = self.pruned_now or (model is not None and self.target is None)
+        pruned = merge(source) if nothing_to_prune else prune_model(source, gates)
         report = pruning_report(self.structure, gates, source=self.model_name)
         if self.target is not None:
             report["method"] = self.pruning_settings.method
@@ -657,8 +680,12 @@ class TailoredModule(L.LightningModule):
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with its LoRA adapters merged into the weights, in eval mode (``model`` is unchanged)."""
-    merged = copy.deepcopy(model)
-    return (merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged).eval()
+    return merged(copy.deepcopy(model))
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its LoRA adapters merged into its weights in place, unwrapped, in eval mode."""
+    return (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).eval()
 
 
 def random_state() -> dict:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class KillAfterStep(L.Callback):
@@ -36,12 +38,34 @@ class RecordStart(L.Callback):
 
 
 class RecordEnd(L.Callback):
-    """Save each rank's trained gates, multipliers and LoRA weights to ``<path>.rank<N>.pt`` when fit ends."""
+    """Save each rank's trained gates, multipliers and LoRA weights to ``<path>.rank<N>.pt`` when fit ends (FSDP:
+    the LoRA weights gathered whole on every rank)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_fit_end(self, trainer, module) -> None:
-        state = {name: value.detach().clone() for name, value in module.state_dict().items() if "lora_" in name}
-        state |= {f"gates.{name}": value.detach().clone() for name, value in module.gates.state_dict().items()}
+        state = {name: whole(value) for name, value in module.state_dict().items() if "lora_" in name}
+        state |= {f"gates.{name}": whole(value) for name, value in module.gates.state_dict().items()}
         torch.save({"global_step": trainer.global_step, "state": state}, f"{self.path}.rank{trainer.global_rank}.pt")
+
+
+class SignalRankAfterStep(L.Callback):
+    """Send ``signal_name`` to one rank's own process once ``step`` steps are done: SIGKILL as a crash or a lost node
+    would, SIGSTOP as a process that hangs (its heartbeat too). Its PID is written to ``pid_file`` first, so that a
+    test can clean up a stopped process."""
+
+    def __init__(self, rank: int, step: int, signal_name: str = "SIGKILL", pid_file: str | None = None) -> None:
+        self.rank, self.step, self.signal_name, self.pid_file = rank, step, signal_name, pid_file
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step < self.step:
+            return
+        if self.pid_file:
+            Path(self.pid_file).write_text(str(os.getpid()))
+        os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+def whole(value: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``value``, all-gathered when it is a shard (every rank must call it in the same order)."""
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
