@@ -270,11 +270,23 @@ def prune_model(model: nn.Module, gates: GateValues) -> PreTrainedModel:
     weight = base.model.embed_tokens.weight
     config.dtype = weight.dtype
     model_class = type(base) if type(config) is type(base.config) else PRUNED_CLASSES[structure.family][1]
-    with no_init_weights(), torch.device(weight.device):
+    with no_init_weights(), torch.device("meta"):  # no memory until the sliced tensors are assigned
         pruned = model_class(config)
     pruned.load_state_dict(state, strict=True, assign=True)
+    _copy_unsaved_buffers(pruned, base)
     if structure.tied_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     pruned.config._attn_implementation = base.config._attn_implementation
     pruned.generation_config = copy.deepcopy(base.generation_config)
     return pruned.eval()
+
+
+def _copy_unsaved_buffers(pruned: nn.Module, source: nn.Module) -> None:
+    """Fill the buffers a state dict does not hold (RoPE's ``inv_freq``) from the same-named ones of ``source``:
+    pruning keeps ``head_dim`` and the RoPE settings, so they are equal."""
+    for name, buffer in list(pruned.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            module = pruned.get_submodule(module_name)
+            persistent = buffer_name not in module._non_persistent_buffers_set
+            module.register_buffer(buffer_name, source.get_buffer(name).clone(), persistent=persistent)
