@@ -61,10 +61,29 @@ def fit_two_ranks(tmp_path: Path, model_dir: Path, text: Path, **signal_args) ->
         )
         try:
             returncode = process.wait(timeout=LIMIT)
+            wait_for_other_ranks(str(config), deadline=start + LIMIT)  # rank 0 killed: rank 1 reports after it
         finally:
             process.kill()
             kill_if_ours(pid_file, str(config))
     return returncode, time.monotonic() - start, output.read_text()
+
+
+def wait_for_other_ranks(marker: str, deadline: float) -> None:
+    """Wait until no process runs a command line containing ``marker`` (the other rank, which outlives a killed
+    rank 0 by the watchdog's timeout), or until ``deadline``; a stopped (SIGSTOP) rank never ends and is killed."""
+    while time.monotonic() < deadline:
+        running = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                command = cmdline.read_bytes().decode(errors="replace")
+                state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if marker in command and state not in ("T", "Z"):  # stopped and zombie ranks do not report
+                running.append(cmdline)
+        if not running:
+            return
+        time.sleep(0.2)
 
 
 def kill_if_ours(pid_file: Path, marker: str) -> None:
