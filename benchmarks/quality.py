@@ -2,8 +2,9 @@
 
 Each cell is one ``tailored fit`` (method, kept fraction, distillation) on a suite's config, then ``tailored test``
 of its export on the suite's test rows. Cells are written to ``<out>/quality-<suite>/cells/<cell>.json`` as they
-finish and are not re-run (kill the script at any time; run it again to continue). After every cell the tables
-``<out>/quality-<suite>.md`` and ``.json`` are rewritten with what is done so far::
+finish and are not re-run (kill the script at any time; run it again to continue; a failed cell is reported and
+retried by the next run). ``--jobs N`` runs N cells at once (small models leave a GPU mostly idle). After every
+cell the tables ``<out>/quality-<suite>.md`` and ``.json`` are rewritten with what is done so far::
 
     python benchmarks/quality.py --suite medical --distill one_stage  # every method at kept 0.7 and 0.5
     python benchmarks/quality.py --suite quickstart --budgets 0.7 --methods lora one_stage taylor
@@ -27,7 +28,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -155,35 +158,53 @@ def main() -> None:
         f"Versions: tailored {version('tailored')}, torch {version('torch')}, transformers {version('transformers')}, "
         f"peft {version('peft')}, lightning {version('lightning')}  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-        f"Python {platform.python_version()}  ",
+        f"Python {platform.python_version()}, accelerator: {accelerator()}  ",
         "Values: test-row metric ± bootstrap standard error; % of tuned: share of the LoRA-tuned dense model's.",
     ]
     existing = ARGS.out / f"quality-{ARGS.suite}.json"
     if ARGS.report_only and existing.is_file():  # keep the header of the run that made the cells
         header = json.loads(existing.read_text())["header"]
-    for method, kept, distill in plan:
-        name = cell_name(method, kept, distill)
-        path = cells_dir / f"{name}.json"
-        if not path.is_file() and not ARGS.report_only:
+    todo = [cell for cell in plan if not (cells_dir / f"{cell_name(*cell)}.json").is_file()]
+    if not ARGS.report_only:
+        lock = threading.Lock()  # one table writer at a time
+
+        def finish(cell: tuple) -> None:
+            name = cell_name(*cell)
             print(f"running {name}", flush=True)
-            row = run_cell(suite, method, kept, distill, ARGS.runs / ARGS.suite / name, ARGS.extra)
-            cells_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(row, indent=2) + "\n")
-            write_tables(cells_dir, header)
+            try:
+                row = run_cell(suite, *cell, ARGS.runs / ARGS.suite / name, ARGS.extra)
+            except RuntimeError as error:  # the other cells go on; running the script again retries this one
+                print(f"failed {name}: {error}", flush=True)
+                return
+            with lock:
+                cells_dir.mkdir(parents=True, exist_ok=True)
+                (cells_dir / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+                write_tables(cells_dir, header)
             print(f"done {name}", flush=True)
+
+        with ThreadPoolExecutor(ARGS.jobs) as pool:  # cells are subprocesses: threads only wait on them
+            list(pool.map(finish, todo))
     print(write_tables(cells_dir, header))
+
+
+def accelerator() -> str:
+    """The GPU the cells' ``tailored`` calls will use, or ``cpu``."""
+    import torch  # imported here: only the header needs it
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def write_tables(cells_dir: Path, header: list[str]) -> str:
     """Rewrite ``quality-<suite>.json`` and ``.md`` from the finished cells; return the Markdown."""
     rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
     document, markdown = tables(rows, ARGS.suite, header)
+    ARGS.out.mkdir(parents=True, exist_ok=True)
     (ARGS.out / f"quality-{ARGS.suite}.json").write_text(json.dumps(document, indent=2) + "\n")
     (ARGS.out / f"quality-{ARGS.suite}.md").write_text(markdown)
     return markdown
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="medical")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="kept fractions of prunable")
@@ -194,10 +215,16 @@ if __name__ == "__main__":
         "--distill", nargs="*", default=[], choices=PRUNED_METHODS, help="also run these methods with distillation"
     )
     parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (a GPU has room for several)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables from finished cells only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
     parser.add_argument("extra", nargs="*", help="options passed to every tailored call, after --")
-    ARGS = parser.parse_args()
-    ARGS.out, ARGS.runs = ARGS.out.resolve(), ARGS.runs.resolve()  # the tailored calls run in the repository root
+    args = parser.parse_args(argv)
+    args.out, args.runs = args.out.resolve(), args.runs.resolve()  # the tailored calls run in the repository root
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 
 import pytest
 from test_training import ROOT
@@ -28,3 +29,28 @@ def test_shares_invert_perplexity_and_combine_the_errors():
     assert taylor["pct_of_tuned_stderr"]["botchan"] == pytest.approx(50.0 * math.hypot(5 / 100, 2 / 50))
     assert math.isnan(broken["pct_of_tuned_stderr"]["botchan"])  # a zero metric is reported, not a crash
     assert "| taylor | 0.7 |  | 100 ± 5 | 50.0 ± 3.2 |" in markdown
+
+
+def test_cells_run_at_once_and_a_failed_cell_leaves_the_others_recorded(tmp_path, monkeypatch):
+    """--jobs 2 runs two cells together; a failing cell is reported, not written, and the run goes on."""
+    running, most = set(), []
+    release = threading.Barrier(2, timeout=10)  # two cells must be in flight together, or this times out
+
+    def fake_cell(suite, method, kept, distill, folder, extra):
+        running.add(method)
+        most.append(len(running))
+        if method in ("dense", "lora"):
+            release.wait()
+        running.discard(method)
+        if method == "taylor":
+            raise RuntimeError("tailored fit failed (exit 1)")
+        return row(method, kept or 1.0, 50.0, 2.0)
+
+    monkeypatch.setattr(quality, "run_cell", fake_cell)
+    argv = ["--suite", "quickstart", "--budgets", "0.7", "--methods", "dense", "lora", "taylor", "random"]
+    args = quality.parse_args([*argv, "--jobs", "2", "--out", str(tmp_path)])
+    monkeypatch.setattr(quality, "ARGS", args, raising=False)  # the script sets it in __main__
+    quality.main()
+    cells = sorted(p.stem for p in (tmp_path / "quality-quickstart" / "cells").glob("*.json"))
+    assert cells == ["dense", "lora", "random-0.7"] and max(most) == 2
+    assert "| random | 0.7 |" in (tmp_path / "quality-quickstart.md").read_text()
