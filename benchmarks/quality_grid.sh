@@ -33,5 +33,6 @@ group all-weights 2 --methods one_stage taylor -- --model.pruning.recovery_weigh
 group generator 1 --methods one_stage -- --model.pruning.logits generator "$@"
 group recovery-0.4 1 --methods one_stage -- --model.pruning.recovery 0.4 "$@"
 wait
-grep -h "^failed" "$out"/*.log
-cat "$out"/*/quality-medical.md
+grep -h "^failed" "$out"/*.log  # failed cells: run the script again to retry them
+cat "$out"/*/quality-medical.md 2>/dev/null
+exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
 import threading
 
 import pytest
@@ -54,3 +55,22 @@ def test_cells_run_at_once_and_a_failed_cell_leaves_the_others_recorded(tmp_path
     cells = sorted(p.stem for p in (tmp_path / "quality-quickstart" / "cells").glob("*.json"))
     assert cells == ["dense", "lora", "random-0.7"] and max(most) == 2
     assert "| random | 0.7 |" in (tmp_path / "quality-quickstart.md").read_text()
+
+
+def test_the_gpu_grid_script_calls_quality_py_with_arguments_it_accepts(tmp_path):
+    """Every group of benchmarks/quality_grid.sh is a valid quality.py call with distinct output and run folders."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "python3").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> {calls}\nprintf "\\n" >> {calls}\n')
+    (fake / "python3").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    command = ["bash", "benchmarks/quality_grid.sh", str(tmp_path / "grid"), "2", "--", "--trainer.max_steps", "3"]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+    groups = [line.strip("\0").split("\0") for line in calls.read_text().splitlines() if line]
+    assert len(groups) >= 6
+    parsed = [quality.parse_args(argv[1:]) for argv in groups]  # argv[0] is the script
+    assert len({args.out for args in parsed}) == len({args.runs for args in parsed}) == len(groups)
+    assert all(args.suite == "medical" and args.extra[-2:] == ["--trainer.max_steps", "3"] for args in parsed)
+    main = next(args for args in parsed if args.out.name == "main")
+    assert main.distill == ["one_stage"] and set(main.methods) == {"dense", "lora", *quality.PRUNED_METHODS}
