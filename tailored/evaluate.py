@@ -4,6 +4,7 @@
 |---|---|---|
 | classification, multiple_choice | accuracy | the option with the highest summed log-likelihood after the prompt |
 | classification, multiple_choice | accuracy_norm | the same with the mean log-likelihood per option token |
+| classification, multiple_choice | balanced_accuracy | mean over the true labels of their rows' accuracy (no prior) |
 | generation | ROUGE-1/2/L (F1) | greedy decoding up to ``max_new_tokens``, cut at ``stop`` |
 | language_modeling | perplexity | exp of the token-weighted mean held-out loss |
 
@@ -48,6 +49,7 @@ class TaskMetrics(nn.Module):
         self.row_nll, self.row_tokens = CatMetric(), CatMetric()  # per row: summed loss, tokens
         if task.kind in ("classification", "multiple_choice"):
             self.correct, self.correct_norm = CatMetric(), CatMetric()  # per row: 1 when the right option wins
+            self.label = CatMetric()  # per row: the right option's index (balanced accuracy)
         if task.kind == "generation":
             self.rouge = nn.ModuleDict({key: CatMetric() for key in ROUGE_KEYS})  # per row F1
 
@@ -71,6 +73,10 @@ class TaskMetrics(nn.Module):
             values = metric.compute().double().flatten()
             results[name] = float(values.mean())
             results[f"{name}_stderr"] = bootstrap_stderr(lambda v: v.mean(-1), values)
+        if hasattr(self, "label") and self.label.update_count:
+            correct, label = self.correct.compute().double().flatten(), self.label.compute().long().flatten()
+            results["balanced_accuracy"] = float(balanced_accuracy(correct, label))
+            results["balanced_accuracy_stderr"] = bootstrap_stderr(balanced_accuracy, correct, label)
         return results
 
     def update_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -84,6 +90,7 @@ class TaskMetrics(nn.Module):
         """Count the chosen options: ``scores [B, n]`` summed log-likelihoods, ``option_lengths [B * n]`` tokens,
         ``labels [B]``."""
         self.correct.update((scores.argmax(-1) == labels).float())
+        self.label.update(labels.float())
         self.correct_norm.update(((scores / option_lengths.view_as(scores)).argmax(-1) == labels).float())
 
     def update_answers(self, answers: list[str], references: list[str]) -> None:
@@ -97,6 +104,18 @@ class TaskMetrics(nn.Module):
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
+
+
+def balanced_accuracy(correct: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean over the true labels present of the share of their rows answered right (Brodersen et al. 2010).
+
+    ``correct`` (1 = right) and ``label`` are ``[..., N]`` per-row values; returns ``[...]``. Unlike accuracy it does
+    not reward the label prior: always answering the majority label scores ``1 / labels present``.
+    """
+    one_hot = F.one_hot(label, int(label.max()) + 1).to(correct.dtype)  # [..., N, C]
+    rows = one_hot.sum(-2)  # [..., C]
+    recall = (one_hot * correct.unsqueeze(-1)).sum(-2) / rows.clamp(min=1)
+    return (recall * (rows > 0)).sum(-1) / (rows > 0).sum(-1)
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

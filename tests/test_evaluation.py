@@ -15,7 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tailored.cli import run
 from tailored.data import DomainData, dynamic_weights
-from tailored.evaluate import TaskMetrics, format_recovery, greedy_answers, option_log_likelihoods, recovery_table
+from tailored.evaluate import (
+    TaskMetrics,
+    balanced_accuracy,
+    format_recovery,
+    greedy_answers,
+    option_log_likelihoods,
+    recovery_table,
+)
 from tailored.tasks import IGNORE_INDEX, Task, encode_example, format_prompt
 
 
@@ -283,7 +290,10 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     path.write_text(yaml.safe_dump(config))
     run(["test", "-c", str(path)])
     results = json.loads(next((tmp_path / "run").rglob("test_results.json")).read_text())
-    metrics = {"classify": {"accuracy", "accuracy_norm"}, "summarise": {"rouge1", "rouge2", "rougeL"}}
+    metrics = {
+        "classify": {"accuracy", "accuracy_norm", "balanced_accuracy"},
+        "summarise": {"rouge1", "rouge2", "rougeL"},
+    }
     metrics["words"] = {"perplexity"}
     for task, names in metrics.items():  # every figure with its bootstrap standard error
         assert set(results[task]) == {name + suffix for name in names | {"loss"} for suffix in ("", "_stderr")}
@@ -350,3 +360,16 @@ def test_dynamic_batch_loading_reweights_tasks_during_fit(tmp_path, tiny_model_d
         weights = dynamic_weights(weights, step_losses, state["reference_losses"])
     assert state["weights"] == pytest.approx(weights, rel=1e-4)
     assert abs(weights[0] - weights[1]) > 1e-3  # pruning raised the losses above the dense reference unevenly
+
+
+def test_balanced_accuracy_does_not_reward_the_label_prior():
+    """Always answering the majority label: accuracy is its share, balanced accuracy 1 / labels; bootstrap too."""
+    label = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
+    always_zero = (label == 0).double()
+    assert float(always_zero.mean()) == pytest.approx(0.6)
+    assert float(balanced_accuracy(always_zero, label)) == pytest.approx(1 / 3)
+    half_of_each = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0, 1, 0]).double()
+    assert float(balanced_accuracy(half_of_each, label)) == pytest.approx(0.5)
+    resampled = torch.stack([label, torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 2, 2])])  # a resample without label 0
+    correct = torch.stack([always_zero, torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1]).double()])
+    assert balanced_accuracy(correct, resampled).tolist() == pytest.approx([1 / 3, 0.5])
