@@ -14,8 +14,13 @@ learned while tuning, the config's settings), ``taylor``, ``magnitude``, ``rando
 then tune). ``--distill one_stage ...`` also runs the named methods with distillation from the dense teacher.
 
 ``pct_of_tuned`` is each task's primary metric as a percentage of the LoRA-tuned model's (perplexity inverted:
-lower is better); its standard error combines the two bootstrap errors as if independent (the rows are shared,
-so this overstates it).
+lower is better). Cells keep their per-row test values, so its standard error is a paired bootstrap: the same
+resampled rows for both models (cells without rows fall back to combining the two errors as if independent,
+which overstates it). The tables end with paired differences: at each budget, the best one-stage cell against the
+best two-stage one, in points of the average % of tuned.
+
+PubMedQA's primary metric is balanced accuracy (mean per-label accuracy): plain accuracy rewards the "yes" prior,
+which every pruned model answers on every row (its accuracy stays in the cells as ``also``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
-    "medical": {"config": "configs/medical.yaml", "tasks": {"pubmedqa": "accuracy", "hqs": "rougeL"}},
+    "medical": {"config": "configs/medical.yaml", "tasks": {"pubmedqa": "balanced_accuracy", "hqs": "rougeL"}},
     "legal": {
         "config": "configs/legal.yaml",
         "tasks": {"casehold": "accuracy", "billsum": "rougeL", "multilegalpile": "perplexity"},
@@ -44,6 +49,8 @@ SUITES = {
     "quickstart": {"config": "configs/quickstart.yaml", "tasks": {"botchan": "perplexity"}},
 }
 PRUNED_METHODS = ("one_stage", "taylor", "magnitude", "random")
+ALSO = {"balanced_accuracy": "accuracy"}  # a secondary metric kept in the cells next to the primary one
+RESAMPLES = 1000
 
 
 def cell_name(method: str, kept: float | None, distill: bool) -> str:
@@ -84,12 +91,17 @@ def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder
         model = str(export)
         report = json.loads((export / "pruning_report.json").read_text())
     test = ["--trainer.default_root_dir", str(folder / "test"), "--model.pruning", "null"]
+    if ARGS.test_batch_size:
+        test += ["--data.batch_size", str(ARGS.test_batch_size)]
     if model is not None:
         test += ["--model.model", model]
     tailored("test", *config, *test, log=log)
-    results = json.loads(max((folder / "test").rglob("test_results.json")).read_text())
+    results_file = max((folder / "test").rglob("test_results.json"))
+    results = json.loads(results_file.read_text())
+    per_row = json.loads((results_file.parent / "test_rows.json").read_text())
     tasks = {
         task: {"metric": metric, "value": results[task][metric], "stderr": results[task][f"{metric}_stderr"]}
+        | ({"also": {ALSO[metric]: results[task][ALSO[metric]]}} if metric in ALSO else {})
         for task, metric in suite["tasks"].items()
     }
     return {
@@ -97,13 +109,15 @@ def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder
         "kept_fraction": kept if kept is not None else 1.0,
         "distill": distill,
         "tasks": tasks,
+        "rows": {task: per_row[task] for task in suite["tasks"]},
         "parameters": report.get("parameters", {}).get("after"),
         "seconds": round(seconds, 1),
     }
 
 
 def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
-    """(value as % of the reference's, its standard error); perplexity inverted; NaN where a value is 0."""
+    """(value as % of the reference's, its standard error); perplexity inverted; NaN where a value is 0. The error
+    is the paired bootstrap of :func:`resampled_shares` where both cells kept their rows."""
     mine, ref = row["tasks"][task], reference["tasks"][task]
     if row is reference:
         return 100.0, 0.0
@@ -111,8 +125,46 @@ def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
         return (0.0 if ref["value"] and mine["metric"] != "perplexity" else float("nan")), float("nan")
     perplexity = mine["metric"] == "perplexity"
     value = 100 * (ref["value"] / mine["value"] if perplexity else mine["value"] / ref["value"])
+    if paired(row, reference, task):
+        return value, float(resampled_shares(row, reference, task).std())
     relative = math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
     return value, value * relative
+
+
+def paired(row: dict, reference: dict, task: str) -> bool:
+    """Both cells kept the per-row test values of ``task``, on the same rows."""
+    mine, ref = row.get("rows", {}).get(task), reference.get("rows", {}).get(task)
+    return bool(mine and ref) and len(mine["nll"]) == len(ref["nll"])
+
+
+def resampled_shares(row: dict, reference: dict, task: str, seed: int = 0):
+    """``[RESAMPLES]`` values of the share (%) on bootstrap resamples of the rows, the same rows for both cells
+    (Efron & Tibshirani 1993, ch. 6): the noise of the test rows that both models see cancels out."""
+    import torch  # imported here: the tables of cells without rows need no torch
+
+    from tailored.evaluate import row_statistic
+
+    metric = row["tasks"][task]["metric"]
+    columns = [
+        {name: torch.tensor(values, dtype=torch.float64) for name, values in cell["rows"][task].items()}
+        for cell in (row, reference)
+    ]
+    count = len(columns[0]["nll"])
+    index = torch.randint(count, (RESAMPLES, count), generator=torch.Generator().manual_seed(seed))
+    mine, ref = (row_statistic(metric, {k: v[index] for k, v in c.items()}) for c in columns)
+    return 100 * (ref / mine if metric == "perplexity" else mine / ref)
+
+
+def paired_difference(row: dict, other: dict, reference: dict) -> tuple[float, float] | None:
+    """``row``'s average % of tuned minus ``other``'s, and the paired bootstrap error of the difference (every
+    task's rows resampled once for all three cells); None unless all three kept their rows."""
+    tasks = list(reference["tasks"])
+    if not all(paired(cell, reference, task) for cell in (row, other) for task in tasks):
+        return None
+    differences = [resampled_shares(row, reference, task, seed) - resampled_shares(other, reference, task, seed)
+                   for seed, task in enumerate(tasks)]  # fmt: skip
+    average = sum(differences) / len(tasks)
+    return row["pct_of_tuned_avg"] - other["pct_of_tuned_avg"], float(average.std())
 
 
 def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, str]:
@@ -127,6 +179,9 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
         values = [value for value, _ in shares.values()]
         row["pct_of_tuned_avg"] = sum(values) / len(values)
         row["pct_of_tuned_avg_stderr"] = math.sqrt(sum(e**2 for _, e in shares.values())) / len(values)
+        if all(paired(row, reference, task) for task in row["tasks"]) and row is not reference:
+            average = sum(resampled_shares(row, reference, task, seed) for seed, task in enumerate(row["tasks"]))
+            row["pct_of_tuned_avg_stderr"] = float((average / len(values)).std())
     tasks = list(SUITES[suite_name]["tasks"].items())
     columns = ["method", "kept", "distill", *(f"{task} {metric}" for task, metric in tasks)]
     columns += ["% of tuned (avg)", "parameters", "fit s"]
@@ -138,7 +193,28 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
         cells.append("" if average is None else f"{average:.1f} ± {row['pct_of_tuned_avg_stderr']:.1f}")
         cells += [f"{row['parameters']:,}" if row["parameters"] else "", f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += comparisons(rows, reference)
     return {"header": header, "rows": rows}, "\n".join(lines) + "\n"
+
+
+def comparisons(rows: list[dict], reference: dict | None) -> list[str]:
+    """Markdown lines: at each budget, the best one-stage cell minus the best two-stage cell (average % of tuned),
+    with the paired bootstrap error of that difference."""
+    lines = []
+    for kept in sorted({row["kept_fraction"] for row in rows if row["method"] in PRUNED_METHODS}, reverse=True):
+        at_budget = [row for row in rows if row["kept_fraction"] == kept and "pct_of_tuned_avg" in row]
+        ours = [row for row in at_budget if row["method"] == "one_stage"]
+        theirs = [row for row in at_budget if row["method"] in PRUNED_METHODS[1:]]
+        if not (ours and theirs):
+            continue
+        best, rival = (max(cells, key=lambda row: row["pct_of_tuned_avg"]) for cells in (ours, theirs))
+        difference = paired_difference(best, rival, reference)
+        value, error = difference or (best["pct_of_tuned_avg"] - rival["pct_of_tuned_avg"], float("nan"))
+        names = " - ".join(cell_name(cell["method"], kept, cell["distill"]) for cell in (best, rival))
+        lines.append(f"- kept {kept:g}, best one-stage minus best two-stage ({names}): {value:+.1f} ± {error:.1f}")
+    if not lines:
+        return []
+    return ["", "Paired differences (average % of tuned; paired bootstrap over the test rows):", *lines]
 
 
 def main() -> None:
@@ -149,7 +225,10 @@ def main() -> None:
     for kept in ARGS.budgets:
         for method in ARGS.methods:
             if method in PRUNED_METHODS:
-                plan += [(method, kept, False)] + ([(method, kept, True)] if method in ARGS.distill else [])
+                if not (ARGS.distilled_only and method in ARGS.distill):
+                    plan.append((method, kept, False))
+                if method in ARGS.distill:
+                    plan.append((method, kept, True))
     header = [
         f"# Quality: {ARGS.suite} suite",
         "",
@@ -215,6 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill", nargs="*", default=[], choices=PRUNED_METHODS, help="also run these methods with distillation"
     )
     parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--distilled-only", action="store_true", help="run the --distill methods with it only")
+    parser.add_argument(
+        "--test-batch-size", type=int, help="rows per test batch (the results do not depend on it; a GPU takes more)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (a GPU has room for several)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the tables from finished cells only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

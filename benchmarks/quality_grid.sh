@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The medical quality grid in one go, for a GPU (on a 2-core CPU it takes days): every cell of the acceptance
-# table (dense, LoRA, one-stage with and without distillation, taylor / magnitude / random two-stage, at kept 0.7
-# and 0.5), the one-stage levers (per-layer shapes, MLP channels only, every weight tuned after pruning, ATP's
-# decision generator, a longer gate phase), and a 4x token budget. Each group is one resumable
-# benchmarks/quality.py run; the groups run at once, JOBS (default 1) times a group's share of cells each: 13 cells
-# at once with JOBS 1. A SmolLM2 cell holds about 3.5 GiB of GPU memory while it trains and up to 11 GiB while it
-# is tested (on an 80 GiB H100, 25 cells at once ran out of memory): size JOBS to the GPU.
+# The quality grid in one go, for a GPU (on a 2-core CPU it takes days): every cell of the medical acceptance table
+# (dense, LoRA, one-stage with and without distillation, taylor / magnitude / random two-stage, at kept 0.7 and
+# 0.5); the levers (4x the tokens per step, per-layer shapes, distillation from the pretrained model for one-stage
+# and Taylor alike; the quickstart at 4x the tokens); and the legal suite with the defaults (the check that they
+# generalise: never tuned on). Each group is one resumable benchmarks/quality.py run; the groups run at once, JOBS
+# (default 1) times a group's share of cells each: 11 cells at once with JOBS 1. A SmolLM2 cell holds about 3.5 GiB
+# of GPU memory while it trains (more with 16-row batches): size JOBS to the GPU. Tests run TEST_BATCH rows per
+# batch (default 32).
 #
 #   bash benchmarks/quality_grid.sh OUT [JOBS] [-- options for every tailored call]
 #
-# OUT/<group>/quality-medical.{md,json} are the tables, OUT/<group>.log the progress, OUT/runs/<group> the runs.
+# OUT/<group>/quality-<suite>.{md,json} are the tables, OUT/<group>.log the progress, OUT/runs/<group> the runs.
 set -u
 out=$(realpath -m "${1:?usage: quality_grid.sh OUT [JOBS] [-- tailored options]}")
 jobs=${2:-1}
@@ -22,17 +23,18 @@ group() {  # group name, cells at once (times JOBS), quality.py options, -- and 
     local name=$1 share=$2
     shift 2
     python3 benchmarks/quality.py --suite medical --jobs $((share * jobs)) --out "$out/$name" \
-        --runs "$out/runs/$name" "$@" >"$out/$name.log" 2>&1 &
+        --runs "$out/runs/$name" --test-batch-size "${TEST_BATCH:-32}" "$@" >"$out/$name.log" 2>&1 &
 }
 
-group main 3 --distill one_stage -- "$@"
-group steps-800 3 --methods lora one_stage taylor -- --trainer.max_steps 800 "$@"
+group main 4 --distill one_stage -- "$@"
+group batch-16 2 --methods lora one_stage taylor -- --data.batch_size 16 "$@"
 group per-layer 1 --methods one_stage -- --model.pruning.uniform false "$@"
-group channels-only 2 --methods one_stage taylor -- --model.pruning.units '[channels]' "$@"
-group all-weights 2 --methods one_stage taylor -- --model.pruning.recovery_weights all "$@"
-group generator 1 --methods one_stage -- --model.pruning.logits generator "$@"
-group recovery-0.4 1 --methods one_stage -- --model.pruning.recovery 0.4 "$@"
+group distill-base 1 --methods one_stage taylor --distill one_stage taylor --distilled-only \
+    -- --model.distill.teacher base --model.distill.temperature 1 "$@"
+group legal 2 --suite legal --methods dense lora one_stage taylor -- "$@"
+group quickstart-batch-16 1 --suite quickstart --budgets 0.7 --methods lora one_stage taylor \
+    --distill one_stage taylor --distilled-only --distill-weight 1 -- --data.batch_size 16 "$@"
 wait
 grep -h "^failed" "$out"/*.log  # failed cells: run the script again to retry them
-cat "$out"/*/quality-medical.md 2>/dev/null
+cat "$out"/*/quality-*.md 2>/dev/null
 exit 0

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric, Metric
 from torchmetrics.functional.text.rouge import rouge_score
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tailored.tasks import IGNORE_INDEX, Task
 
@@ -79,9 +80,20 @@ class TaskMetrics(nn.Module):
             results["balanced_accuracy_stderr"] = bootstrap_stderr(balanced_accuracy, correct, label)
         return results
 
-    def update_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Teacher-forced loss of a batch: ``logits [B, T, V]``, ``labels [B, T]`` (shifted as in Hugging Face)."""
-        nll, tokens = row_losses(logits, labels)
+    def row_values(self) -> dict[str, list[float]]:
+        """The recorded per-row columns (``nll``, ``tokens``; ``correct``, ``correct_norm``, ``label``; ROUGE F1s),
+        so that two models tested on the same rows can be compared pair by pair (:func:`row_statistic`)."""
+        columns = {"nll": self.row_nll, "tokens": self.row_tokens}
+        if hasattr(self, "correct"):
+            columns |= {"correct": self.correct, "correct_norm": self.correct_norm, "label": self.label}
+        if hasattr(self, "rouge"):
+            columns |= dict(self.rouge.items())
+        return {name: metric.compute().flatten().tolist() for name, metric in columns.items() if metric.update_count}
+
+    def update_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Teacher-forced loss of a batch: ``logits [B, K, V]`` predict ``targets [B, K]`` (aligned, not shifted;
+        :data:`tailored.tasks.IGNORE_INDEX` where a position does not count; see :func:`loss_positions`)."""
+        nll, tokens = row_losses(logits, targets)
         self.loss.update(nll.sum() / tokens.sum().clamp(min=1), weight=tokens.sum())
         self.row_nll.update(nll)
         self.row_tokens.update(tokens)
@@ -118,11 +130,34 @@ def balanced_accuracy(correct: torch.Tensor, label: torch.Tensor) -> torch.Tenso
     return (recall * (rows > 0)).sum(-1) / (rows > 0).sum(-1)
 
 
-def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed next-token loss and the number of counted tokens, ``[B]`` each (float32)."""
-    targets = labels[:, 1:]
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose next token carries a loss in any row, and those tokens.
+
+    ``labels [B, T]`` as Hugging Face takes them (position ``p`` predicts ``labels[:, p + 1]``). Returns
+    ``positions [K]`` (for ``logits_to_keep``: the logits ``[B, K, V]`` of only these positions, not ``[B, T, V]``;
+    an instruction task's answers are a few tokens of a long prompt) and the aligned ``targets [B, K]``.
+    """
+    counted = (labels[:, 1:] != IGNORE_INDEX).any(0)  # [T-1]
+    positions = counted.nonzero().flatten()
+    return positions, labels[:, positions + 1]
+
+
+def row_statistic(metric: str, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``metric`` computed from per-row ``columns`` (as :meth:`TaskMetrics.row_values` names them), each
+    ``[..., N]``; returns ``[...]``: resampled rows in, one value per resample out."""
+    if metric in ("loss", "perplexity"):
+        loss = columns["nll"].sum(-1) / columns["tokens"].sum(-1)
+        return loss.exp() if metric == "perplexity" else loss
+    if metric == "balanced_accuracy":
+        return balanced_accuracy(columns["correct"], columns["label"].long())
+    return columns["correct" if metric == "accuracy" else metric].mean(-1)
+
+
+def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed loss and the number of counted tokens, ``[B]`` each (float32), of ``logits [B, K, V]``
+    predicting the aligned ``targets [B, K]``."""
     nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(targets)
     return nll.sum(-1), (targets != IGNORE_INDEX).sum(-1).float()
 
@@ -176,6 +211,8 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy continuations of the left-padded prompts, each cut at the first ``stop``.
 
+    Generation ends once every row's answer holds ``stop`` (:class:`AnswerStopped`), not after ``max_new_tokens``
+    whatever the answers: the same answers, far fewer decoding steps for short ones.
     ``synced``: every rank keeps stepping until all are done (a sharded model's forward is a collective).
     """
     prompts = batch["prompt_input_ids"]
@@ -186,9 +223,23 @@ def greedy_answers(
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         synced_gpus=synced,
+        stopping_criteria=StoppingCriteriaList([AnswerStopped(tokenizer, prompts.shape[1], stop)] if stop else []),
     )
     texts = tokenizer.batch_decode(output[:, prompts.shape[1] :], skip_special_tokens=True)
     return [text.lstrip().split(stop)[0].strip() if stop else text.strip() for text in texts]
+
+
+class AnswerStopped(StoppingCriteria):
+    """Per row: done once the answer so far, leading whitespace stripped, contains ``stop`` (the cut that
+    :func:`greedy_answers` makes; Hugging Face's ``stop_strings`` would also stop at a leading newline)."""
+
+    def __init__(self, tokenizer, prompt_length: int, stop: str) -> None:
+        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``input_ids [B, prompt + new]`` -> ``[B]`` bool."""
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([self.stop in text.lstrip() for text in texts], device=input_ids.device)
 
 
 def recovery_table(

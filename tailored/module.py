@@ -31,7 +31,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tailored.distill import DistillSettings, distillation_loss
-from tailored.evaluate import TaskMetrics, greedy_answers, option_log_likelihoods
+from tailored.evaluate import TaskMetrics, greedy_answers, loss_positions, option_log_likelihoods
 from tailored.export import pruning_report, save_pruned
 from tailored.gates import LOGIT_SOURCES, UNIT_TYPES, PruningGates
 from tailored.importance import CRITERIA, unit_scores
@@ -240,6 +240,7 @@ class TailoredModule(L.LightningModule):
         self.model = None
         self.task_metrics = torch.nn.ModuleList()
         self.results: dict[str, dict[str, float]] = {}
+        self.row_values: dict[str, dict[str, list[float]]] = {}  # per task, the last test's per-row columns
         self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
         self.resumed_random_state: dict | None = None  # torch RNG state of that checkpoint
         self.held_out_gates: GateValues | None = None  # gates of the current validation/test epoch
@@ -510,8 +511,11 @@ class TailoredModule(L.LightningModule):
         """One held-out batch under :attr:`held_out_gates` (the dense model when None), set once per epoch."""
         task, metrics = self.tasks[dataloader_idx], self.task_metrics[dataloader_idx]
         with nullcontext() if self.held_out_gates is None else self.hooks.applied(self.held_out_gates):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            metrics.update_loss(logits, batch["labels"])
+            positions, targets = loss_positions(batch["labels"])
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+            ).logits
+            metrics.update_loss(logits, targets)
             if "option_input_ids" in batch:
                 scores = option_log_likelihoods(self.model, batch)
                 metrics.update_options(scores, batch["option_lengths"], batch["label"])
@@ -530,9 +534,11 @@ class TailoredModule(L.LightningModule):
 
     def _log_evaluation(self, stage: str) -> None:
         """Log every task's metrics as ``<stage>/<task>/<metric>`` and keep them in :attr:`results`."""
-        self.results = {}
+        self.results, self.row_values = {}, {}
         for task, metrics in zip(self.tasks, self.task_metrics, strict=True):
             self.results[task.name] = metrics.compute()
+            if stage == "test":
+                self.row_values[task.name] = metrics.row_values()
             metrics.reset()
             for name, value in self.results[task.name].items():
                 self.log(f"{stage}/{task.name}/{name}", value, prog_bar=stage == "val" and name == "loss")
@@ -546,7 +552,8 @@ class TailoredModule(L.LightningModule):
                 self.log(f"data/weight/{task.name}", weight)
 
     def on_test_epoch_end(self) -> None:
-        """Print the results; with a logger, also write them to ``<log dir>/test_results.json``."""
+        """Print the results; with a logger, also write them to ``<log dir>/test_results.json``, and the per-row
+        values (paired comparisons of models tested on the same rows) to ``test_rows.json``."""
         self._log_evaluation("test")
         log_dir = self.trainer.log_dir if self.trainer.loggers else None  # every rank: log_dir broadcasts
         if not self.trainer.is_global_zero:
@@ -555,6 +562,7 @@ class TailoredModule(L.LightningModule):
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             (Path(log_dir) / "test_results.json").write_text(json.dumps(self.results, indent=2) + "\n")
+            (Path(log_dir) / "test_rows.json").write_text(json.dumps(self.row_values) + "\n")
 
     @torch.no_grad()
     def dense_losses(self) -> list[float]:

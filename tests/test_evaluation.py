@@ -20,8 +20,10 @@ from tailored.evaluate import (
     balanced_accuracy,
     format_recovery,
     greedy_answers,
+    loss_positions,
     option_log_likelihoods,
     recovery_table,
+    row_statistic,
 )
 from tailored.tasks import IGNORE_INDEX, Task, encode_example, format_prompt
 
@@ -114,6 +116,61 @@ def test_batched_greedy_answers_equal_one_at_a_time_generation(task_files, tiny_
         alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         assert answer == tokenizer.decode(alone[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_answers_stopped_early_equal_full_length_answers_cut_at_the_stop(task_files, tiny_model_dir, tiny):
+    """Generation ends once every row's answer holds the stop string; the answers are the cut full-length ones."""
+    model, tokenizer = tiny
+    data = data_module(task_files, tiny_model_dir)
+    batch = data.collate_eval(data.eval_items[2][:4])
+    full = greedy_answers(model, batch, tokenizer, max_new_tokens=12, stop="")
+    stop = full[0].split()[1]  # a word that every row's answer may or may not hold: both cases are covered
+    steps = []
+    original = model.forward
+    model.forward = lambda *args, **kwargs: steps.append(1) or original(*args, **kwargs)
+    try:
+        stopped = greedy_answers(model, batch, tokenizer, max_new_tokens=12, stop=stop)
+    finally:
+        del model.forward
+    assert stopped == [answer.split(stop)[0].strip() for answer in full]
+    assert any(stop in answer for answer in full)
+    assert len(steps) < 12 or not all(stop in answer for answer in full)
+
+
+def test_the_loss_from_kept_positions_equals_the_full_logits_loss(task_files, tiny_model_dir, tiny):
+    """Only the positions that predict an answer token get logits (``logits_to_keep``): the same per-row losses."""
+    model, _ = tiny
+    data = data_module(task_files, tiny_model_dir)
+    batch = next(iter(data.val_dataloader()[2]))
+    positions, targets = loss_positions(batch["labels"])
+    assert len(positions) < batch["labels"].shape[1] - 1  # prompts are not scored
+    with torch.no_grad():
+        kept = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    metrics = TaskMetrics(data.tasks[2])
+    metrics.update_loss(kept.logits, targets)
+    by_hand = torch.nn.functional.cross_entropy(
+        full[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(len(full), -1)
+    torch.testing.assert_close(metrics.row_nll.compute(), by_hand.sum(-1), rtol=1e-5, atol=1e-5)
+    assert float(metrics.loss.compute()) == pytest.approx(float(by_hand.sum() / (batch["labels"][:, 1:] >= 0).sum()))
+
+
+def test_metrics_recomputed_from_the_per_row_values_equal_the_reported_ones():
+    """Paired comparisons resample :meth:`TaskMetrics.row_values`: they must give back every reported metric."""
+    classify = TaskMetrics(Task("c", "x.jsonl", "classification", prompt="{q}", answer=" {a}", choices=[" a", " b"]))
+    scores = torch.tensor([[0.0, -1.0], [0.0, -2.0], [-3.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
+    classify.update_options(scores, torch.ones(10), torch.tensor([0, 0, 1, 1, 0]))
+    classify.update_loss(torch.randn(5, 3, 7), torch.tensor([[1, 2, IGNORE_INDEX]] * 5))
+    generate = TaskMetrics(Task("g", "x.jsonl", "generation", prompt="{a}", answer="{b}"))
+    generate.update_answers(["the cat sat", "a dog"], ["the cat ran", "a dog barked"])
+    generate.update_loss(torch.randn(2, 3, 7), torch.tensor([[1, 2, 3], [4, IGNORE_INDEX, 5]]))
+    for metrics, names in [(classify, ["accuracy", "balanced_accuracy", "loss"]), (generate, ["rougeL", "rouge2"])]:
+        results = metrics.compute()
+        columns = {name: torch.tensor(values) for name, values in metrics.row_values().items()}
+        for name in names:
+            assert float(row_statistic(name, columns)) == pytest.approx(results[name], rel=1e-5), name
+    assert classify.compute()["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
 
 
 def test_rouge_of_known_strings():
