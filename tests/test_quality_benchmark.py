@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import threading
@@ -33,19 +34,22 @@ def test_shares_invert_perplexity_and_combine_the_errors():
     assert "| taylor | 0.7 |  | 100 ± 5 | 50.0 ± 3.2 |" in markdown
 
 
+GENERATOR = torch.Generator().manual_seed(0)
+HARDNESS = torch.rand(200, generator=GENERATOR)  # per-row difficulty, shared by every model
+
+
+def scored(method: str, kept: float, quality: float) -> dict:
+    """A cell with per-row ROUGE-L values: ``quality`` times the shared row difficulty, plus a little own noise."""
+    rouge = (quality * HARDNESS + 0.02 * torch.rand(200, generator=GENERATOR)).tolist()
+    columns = {"nll": [1.0] * 200, "tokens": [1.0] * 200, "rougeL": rouge}
+    task = {"metric": "rougeL", "value": sum(rouge) / 200, "stderr": float(torch.tensor(rouge).std() / 200**0.5)}
+    return {"method": method, "kept_fraction": kept, "distill": False, "tasks": {"botchan": task},
+            "rows": {"botchan": columns}, "parameters": 10, "seconds": 1.0}  # fmt: skip
+
+
 def test_cells_with_per_row_values_get_paired_errors_and_a_paired_difference():
     """Models tested on the same rows: the row noise they share cancels in the share's error, and the table ends with
     the best one-stage cell minus the best two-stage one."""
-    generator = torch.Generator().manual_seed(0)
-    hardness = torch.rand(200, generator=generator)  # per-row difficulty, shared by every model
-
-    def scored(method: str, kept: float, quality: float) -> dict:
-        rouge = (quality * hardness + 0.02 * torch.rand(200, generator=generator)).tolist()
-        columns = {"nll": [1.0] * 200, "tokens": [1.0] * 200, "rougeL": rouge}
-        task = {"metric": "rougeL", "value": sum(rouge) / 200, "stderr": float(torch.tensor(rouge).std() / 200**0.5)}
-        return {"method": method, "kept_fraction": kept, "distill": False, "tasks": {"botchan": task},
-                "rows": {"botchan": columns}, "parameters": 10, "seconds": 1.0}  # fmt: skip
-
     rows = [scored("lora", 1.0, 1.0), scored("one_stage", 0.7, 0.8), scored("taylor", 0.7, 0.7)]
     document, markdown = quality.tables(rows, "quickstart", ["# header"])
     one_stage = document["rows"][1]
@@ -59,6 +63,30 @@ def test_cells_with_per_row_values_get_paired_errors_and_a_paired_difference():
     taylor = document["rows"][2]
     assert difference == pytest.approx(one_stage["pct_of_tuned_avg"] - taylor["pct_of_tuned_avg"], abs=0.05)
     assert 0 < error < 1 and "(one_stage-0.7 - taylor-0.7)" in line
+
+
+def test_the_summary_pools_runs_and_compares_a_lever_group_with_the_main_groups_baseline(tmp_path):
+    """A group without its own LoRA and two-stage cells (a lever) is compared with main's, row for row; the mean
+    over runs is the mean of the runs' differences."""
+    spec = importlib.util.spec_from_file_location("quality_summary", ROOT / "benchmarks" / "quality_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    differences = []
+    for run, (ours, theirs) in enumerate([(0.8, 0.7), (0.75, 0.7)]):
+        groups = {
+            "main": [scored("lora", 1.0, 1.0), scored("taylor", 0.7, theirs)],
+            "lever": [scored("one_stage", 0.7, ours)],
+        }
+        for group, cells in groups.items():
+            folder = tmp_path / f"seed-{run}" / group / "quality-quickstart" / "cells"
+            folder.mkdir(parents=True)
+            for cell in cells:
+                (folder / f"{summary.name(cell)}.json").write_text(json.dumps(cell))
+        differences.append(100 * (ours - theirs))
+    text = summary.summary([tmp_path / "seed-0", tmp_path / "seed-1"])
+    line = next(line for line in text.splitlines() if "| lever | one_stage-0.7 |" in line)
+    mean = float(line.split("|")[-2].split(" ± ")[0])
+    assert mean == pytest.approx(sum(differences) / 2, abs=0.5) and "(taylor-0.7)" in line
 
 
 def test_cells_run_at_once_and_a_failed_cell_leaves_the_others_recorded(tmp_path, monkeypatch):
