@@ -150,7 +150,7 @@ def row_statistic(metric: str, columns: dict[str, torch.Tensor]) -> torch.Tensor
         return loss.exp() if metric == "perplexity" else loss
     if metric == "balanced_accuracy":
         return balanced_accuracy(columns["correct"], columns["label"].long())
-    return columns["correct" if metric == "accuracy" else metric].mean(-1)
+    return columns[{"accuracy": "correct", "accuracy_norm": "correct_norm"}.get(metric, metric)].mean(-1)
 
 
 def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

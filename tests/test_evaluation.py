@@ -356,6 +356,11 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
         assert set(results[task]) == {name + suffix for name in names | {"loss"} for suffix in ("", "_stderr")}
         assert results[task]["loss_stderr"] > 0  # row losses always differ; a metric may be equal on every row
         assert all(0 <= results[task][f"{name}_stderr"] < float("inf") for name in names)
+    rows = json.loads(next((tmp_path / "run").rglob("test_rows.json")).read_text())
+    for task, names in metrics.items():  # the per-row values give back every figure (paired comparisons use them)
+        columns = {name: torch.tensor(values) for name, values in rows[task].items()}
+        for name in names:
+            assert float(row_statistic(name, columns)) == pytest.approx(results[task][name], rel=1e-4)
 
     written = sorted((tmp_path / "run").rglob("*"))
     for _ in range(2):  # a second recovery on the same config works as well
