@@ -183,6 +183,8 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
             average = sum(resampled_shares(row, reference, task, seed) for seed, task in enumerate(row["tasks"]))
             row["pct_of_tuned_avg_stderr"] = float((average / len(values)).std())
     tasks = list(SUITES[suite_name]["tasks"].items())
+    if rows:  # the metric the cells were tested with (older cells of a suite may predate a change of metric)
+        tasks = [(task, rows[0]["tasks"][task]["metric"]) for task, _ in tasks]
     columns = ["method", "kept", "distill", *(f"{task} {metric}" for task, metric in tasks)]
     columns += ["% of tuned (avg)", "parameters", "fit s"]
     lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -208,9 +210,14 @@ def comparisons(rows: list[dict], reference: dict | None) -> list[str]:
         if not (ours and theirs):
             continue
         best, rival = (max(cells, key=lambda row: row["pct_of_tuned_avg"]) for cells in (ours, theirs))
-        difference = paired_difference(best, rival, reference)
-        value, error = difference or (best["pct_of_tuned_avg"] - rival["pct_of_tuned_avg"], float("nan"))
         names = " - ".join(cell_name(cell["method"], kept, cell["distill"]) for cell in (best, rival))
+        difference = paired_difference(best, rival, reference)
+        if difference is None:  # cells without per-row values: the errors combined as if independent
+            value = best["pct_of_tuned_avg"] - rival["pct_of_tuned_avg"]
+            error = math.hypot(best["pct_of_tuned_avg_stderr"], rival["pct_of_tuned_avg_stderr"])
+            names += ", unpaired"
+        else:
+            value, error = difference
         lines.append(f"- kept {kept:g}, best one-stage minus best two-stage ({names}): {value:+.1f} ± {error:.1f}")
     if not lines:
         return []
