@@ -43,6 +43,7 @@ from tailored.sharding import average_gradients, is_sharded, shard
 from tailored.structure import GateValues, ModelStructure, describe, parameter_count, structure_from_config
 from tailored.targets import SparsityTarget, prunable_fraction, resolve_target
 from tailored.tasks import IGNORE_INDEX
+from tailored.teacher import CorrectedTeacher
 from tailored.transition import lora_state, prune_now
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -216,6 +217,11 @@ class TailoredModule(L.LightningModule):
         for settings in (self.lora_settings, pruning, self.optimizer_settings, distill):
             if settings is not None:
                 settings.check()
+        if distill is not None and distill.teacher == "corrected" and gradient_checkpointing:
+            raise ValueError(
+                "distill.teacher corrected swaps the teacher's adapters in for its forward, which gradient "
+                "checkpointing would replay with the student's; set gradient_checkpointing false or use teacher tuned"
+            )
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
         self.model_name, self.dtype_name, self.gradient_checkpointing = model, dtype, gradient_checkpointing
@@ -246,6 +252,7 @@ class TailoredModule(L.LightningModule):
         self.held_out_gates: GateValues | None = None  # gates of the current validation/test epoch
         self.transition: dict | None = None  # what went into the "prune now" transition, once it happened
         self.teacher = None  # after the transition, with distillation: the dense model the student came from
+        self.corrected_teacher: CorrectedTeacher | None = None  # distill.teacher corrected: the teacher's adapters
 
     def setup(self, stage: str) -> None:
         """Check the trainer settings (before :meth:`configure_model` loads weights); the metrics of every task of
@@ -270,6 +277,11 @@ class TailoredModule(L.LightningModule):
                 "on one process only for now (not with several, nor with FSDP, where the model is sharded); train on "
                 "one device, or set pruning.prune_at_recovery false (one_stage)"
             )
+        if is_sharded(self) and self.distill_settings is not None and self.distill_settings.teacher == "corrected":
+            raise ValueError(
+                "distill.teacher corrected swaps whole adapter tensors, which FSDP shards; with FSDP use teacher "
+                "tuned or base"
+            )
         if is_sharded(self) and settings is not None and settings.importance == "taylor":
             raise ValueError(
                 "pruning.importance taylor needs gradients of the frozen base weights next to the LoRA ones, which "
@@ -290,6 +302,8 @@ class TailoredModule(L.LightningModule):
             base.gradient_checkpointing_enable()
             base.enable_input_require_grads()
         self.model = get_peft_model(base, self.lora_config())
+        if self.distill_settings is not None and self.distill_settings.teacher == "corrected":
+            self.corrected_teacher = CorrectedTeacher(self.model)
         self.structure = None if self.structure_hint is None else describe(self.model)
         if self.target is not None:
             pruning = self.pruning_settings
@@ -415,17 +429,25 @@ class TailoredModule(L.LightningModule):
         """Training gates: sampled while pruning, frozen during recovery."""
         return self.gates.frozen() if self.gates.is_frozen else self.gates.sample()
 
-    @torch.no_grad()
-    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits ``[B, T, V]`` of the dense teacher (gates off): before the transition the model itself, after it
-        the dense model kept aside; adapters off for the ``base`` teacher (and for plain LoRA runs)."""
+    def teacher_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``[B, T, V]`` of the dense teacher (gates off), without gradient, and the ``corrected`` teacher's
+        LM loss (with its graph: it trains the teacher's adapters; None for the other teachers).
+
+        The teacher is the model itself before the transition, the dense model kept aside after it; its adapters
+        are the current ones (``tuned``), none (``base``, and plain LoRA runs) or its own (``corrected``).
+        """
         teacher = self.teacher if self.teacher is not None else self.model
-        adapters_off = self.distill_settings.teacher == "base" or self.target is None
+        kind = self.distill_settings.teacher
         training = teacher.training
         teacher.eval()  # no LoRA dropout in the teacher
         try:
-            with teacher.disable_adapter() if adapters_off else nullcontext():
-                return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if kind == "corrected":
+                with self.corrected_teacher.swapped_into(teacher):
+                    output = teacher(**batch)
+                return output.logits.detach(), output.loss
+            adapters_off = kind == "base" or self.target is None
+            with torch.no_grad(), teacher.disable_adapter() if adapters_off else nullcontext():
+                return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
         finally:
             teacher.train(training)
 
@@ -434,7 +456,7 @@ class TailoredModule(L.LightningModule):
         return self.gates.frozen() if self.gates.is_frozen else self.gates.deterministic()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        teacher_logits = None if self.distill_settings is None else self.teacher_logits(batch)
+        teacher_logits, teacher_loss = (None, None) if self.distill_settings is None else self.teacher_forward(batch)
         if self.target is not None and not self.pruned_now:
             self.hooks.activate(self.current_gates())  # until on_after_backward: checkpointing re-runs the forward
         output = self.model(**batch)
@@ -444,6 +466,9 @@ class TailoredModule(L.LightningModule):
             distill = distillation_loss(output.logits, teacher_logits, batch["labels"], settings.temperature)
             loss = (1 - settings.weight) * lm_loss + settings.weight * distill
             self.log("train/distill_loss", distill)
+        if teacher_loss is not None:  # the corrected teacher's adapters learn the domain next to the student
+            loss = loss + teacher_loss
+            self.log("train/teacher_loss", teacher_loss)
         if self.target is None:
             self.log("train/loss", loss, prog_bar=True)
             return loss
@@ -589,6 +614,9 @@ class TailoredModule(L.LightningModule):
         every_weight = self.pruned_now and self.pruning_settings.recovery_weights == "all"
         lr = settings.weights_lr if every_weight else settings.lora_lr
         groups = [{"name": "tuned", "params": tuned, "lr": lr, "weight_decay": settings.weight_decay}]
+        if self.corrected_teacher is not None:
+            teacher = list(self.corrected_teacher.parameters())
+            groups.append({"name": "teacher", "params": teacher, "lr": settings.lora_lr, "weight_decay": 0.0})
         if self.target is not None:
             multipliers = [self.gates.lambda_1, self.gates.lambda_2]
             gate_params = [p for name, p in self.gates.named_parameters() if not name.startswith("lambda_")]

@@ -25,6 +25,7 @@ from tailored.shapes import shape_parameter_count
 from tailored.structure import GateValues, describe
 from tailored.targets import resolve_target
 from tailored.tasks import IGNORE_INDEX, Task
+from tailored.teacher import CorrectedTeacher
 from tailored.transition import prune_now
 
 
@@ -149,6 +150,27 @@ def test_validation_rows_never_overlap_training_or_test_rows(tmp_path, tiny_mode
     assert len(keys[0]) + len(keys[1]) + len(keys[2]) == len(rows)
 
 
+def test_the_corrected_teacher_trains_its_own_adapters_and_puts_the_students_back(tiny_model_dir):
+    """Inside the swap the forward runs on the teacher's adapters, which get the gradient; after it the model
+    computes what it did before, and its own adapters got none."""
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    teacher = CorrectedTeacher(model)
+    ids = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits.detach()
+    with torch.no_grad():
+        for parameter in teacher.parameters():  # a trained teacher: B no longer zero
+            parameter.add_(0.1)
+    with teacher.swapped_into(model):
+        output = model(input_ids=ids, labels=ids)
+    output.loss.backward()  # after the swap, as in a training step
+    assert len(list(teacher.parameters())) == sum("lora_" in name for name, _ in model.named_parameters()) > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" in name)
+    assert (output.logits - before).abs().max() > 1e-3
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
 def baseline_config(tmp_path: Path, model_dir: Path, text: Path, method: str, root: str, callbacks=()) -> Path:
     trainer = {
         "accelerator": "cpu",
@@ -192,26 +214,32 @@ def test_every_baseline_exports_exactly_the_requested_size(
     assert report["method"] == method and report["trained_steps"] == 30
 
 
+@pytest.mark.parametrize("teacher", ["tuned", "corrected"])
 def test_resume_after_the_prune_now_transition_ends_where_an_uninterrupted_run_does(
-    tmp_path, tiny_model_dir, tiny_text
+    tmp_path, tiny_model_dir, tiny_text, teacher
 ):
     """A two-stage run prunes at step 0; killed at step 25, it resumes from step 20 (replaying the transition) and
-    ends with the LoRA weights of a run that was never interrupted."""
+    ends with the LoRA weights of a run that was never interrupted (with a corrected teacher: its adapters too)."""
+    teacher_option = ("--model.distill.teacher", teacher)
     kill = {"class_path": "subprocess_callbacks.KillAfterStep", "init_args": {"step": 25}}
-    killed = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "run", [kill]))
+    killed = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "run", [kill]), *teacher_option)
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 20 and checkpoint["tailored_transition"]["step"] == 0
     end = {"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(tmp_path / "resumed")}}
-    resumed = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "run", [end]), "--ckpt_path", "last")
+    config = baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "run", [end])
+    resumed = fit(config, "--ckpt_path", "last", *teacher_option)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     end = {"class_path": "subprocess_callbacks.RecordEnd", "init_args": {"path": str(tmp_path / "whole")}}
-    whole = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "whole", [end]))
+    whole = fit(baseline_config(tmp_path, tiny_model_dir, tiny_text, "taylor", "whole", [end]), *teacher_option)
     assert whole.returncode == 0, whole.stderr[-2000:]
     first, second = torch.load(tmp_path / "resumed.rank0.pt"), torch.load(tmp_path / "whole.rank0.pt")
     assert first["state"].keys() == second["state"].keys()
     trained = [value for name, value in first["state"].items() if "lora_B" in name and "teacher" not in name]
     assert trained and all(value.abs().sum() > 0 for value in trained)  # the new adapters were trained
+    corrected = [value for name, value in first["state"].items() if "corrected_teacher" in name and "lora_B" in name]
+    assert len(corrected) == (len(trained) if teacher == "corrected" else 0)
+    assert all(value.abs().sum() > 0 for value in corrected)  # the teacher's adapters were trained too
     for name, value in second["state"].items():
         torch.testing.assert_close(first["state"][name], value, rtol=1e-4, atol=1e-4, msg=name)
 
