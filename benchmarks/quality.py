@@ -121,6 +121,8 @@ def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
     mine, ref = row["tasks"][task], reference["tasks"][task]
     if row is reference:
         return 100.0, 0.0
+    if mine["metric"] != ref["metric"]:  # cells tested before and after a change of the suite's metric
+        return float("nan"), float("nan")
     if not (mine["value"] and ref["value"]):
         return (0.0 if ref["value"] and mine["metric"] != "perplexity" else float("nan")), float("nan")
     perplexity = mine["metric"] == "perplexity"
@@ -200,13 +202,13 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
 
 
 def comparisons(rows: list[dict], reference: dict | None) -> list[str]:
-    """Markdown lines: at each budget, the best one-stage cell minus the best two-stage cell (average % of tuned),
-    with the paired bootstrap error of that difference."""
+    """Markdown lines: at each budget, the best one-stage cell minus the best undistilled two-stage cell (average %
+    of tuned), with the paired bootstrap error of that difference."""
     lines = []
     for kept in sorted({row["kept_fraction"] for row in rows if row["method"] in PRUNED_METHODS}, reverse=True):
         at_budget = [row for row in rows if row["kept_fraction"] == kept and "pct_of_tuned_avg" in row]
         ours = [row for row in at_budget if row["method"] == "one_stage"]
-        theirs = [row for row in at_budget if row["method"] in PRUNED_METHODS[1:]]
+        theirs = [row for row in at_budget if row["method"] in PRUNED_METHODS[1:] and not row["distill"]]
         if not (ours and theirs):
             continue
         best, rival = (max(cells, key=lambda row: row["pct_of_tuned_avg"]) for cells in (ours, theirs))

@@ -53,13 +53,15 @@ def compare(groups: dict[tuple[str, str], list[dict]]) -> dict[tuple, dict]:
         reference = next((c for c in own_or_main if c["method"] == "lora"), None)
         if reference is None:
             continue
-        for cell in cells:
+        paired, main = pairable(cells, reference), pairable(groups.get(("main", suite), []), reference)
+        for cell in paired:  # cells without per-row values (or tested on other rows) cannot be paired: left out
             if cell is reference or cell["method"] == "dense":
                 continue
             value, resamples = average_share(cell, reference)
             row = {"share": value, "share_stderr": float(resamples.std())}
-            rivals = two_stage(cells) or two_stage(groups.get(("main", suite), []))
-            rivals = [(average_share(c, reference), c) for c in rivals if c["kept_fraction"] == cell["kept_fraction"]]
+            at_budget = [c for c in two_stage(paired) if c["kept_fraction"] == cell["kept_fraction"]]
+            at_budget = at_budget or [c for c in two_stage(main) if c["kept_fraction"] == cell["kept_fraction"]]
+            rivals = [(average_share(c, reference), c) for c in at_budget]
             if rivals and cell["method"] not in TWO_STAGE:
                 (rival_value, rival_resamples), rival = max(rivals, key=lambda pair: pair[0][0])
                 row["rival"] = name(rival)
@@ -67,6 +69,11 @@ def compare(groups: dict[tuple[str, str], list[dict]]) -> dict[tuple, dict]:
                 row["difference_stderr"] = float((resamples - rival_resamples).std())
             out[suite, group, name(cell)] = row
     return out
+
+
+def pairable(cells: list[dict], reference: dict) -> list[dict]:
+    """The cells that kept per-row values of the reference's test rows (older cells did not)."""
+    return [cell for cell in cells if all(quality.paired(cell, reference, task) for task in reference["tasks"])]
 
 
 def two_stage(cells: list[dict]) -> list[dict]:

@@ -32,6 +32,8 @@ def test_shares_invert_perplexity_and_combine_the_errors():
     assert taylor["pct_of_tuned_stderr"]["botchan"] == pytest.approx(50.0 * math.hypot(5 / 100, 2 / 50))
     assert math.isnan(broken["pct_of_tuned_stderr"]["botchan"])  # a zero metric is reported, not a crash
     assert "| taylor | 0.7 |  | 100 ± 5 | 50.0 ± 3.2 |" in markdown
+    other_metric = row("random", 0.7, 0.3, 0.01, metric="accuracy")  # a cell tested before a change of metric
+    assert all(math.isnan(v) for v in quality.share(other_metric, lora, "botchan"))
 
 
 GENERATOR = torch.Generator().manual_seed(0)
