@@ -157,16 +157,21 @@ def resampled_shares(row: dict, reference: dict, task: str, seed: int = 0):
     return 100 * (ref / mine if metric == "perplexity" else mine / ref)
 
 
+def resampled_average(row: dict, reference: dict):
+    """``[RESAMPLES]`` values of the average % of tuned over the reference's tasks; task ``i`` resamples its rows
+    with seed ``i``, so the resamples of two cells pair row for row."""
+    tasks = list(reference["tasks"])
+    return sum(resampled_shares(row, reference, task, seed) for seed, task in enumerate(tasks)) / len(tasks)
+
+
 def paired_difference(row: dict, other: dict, reference: dict) -> tuple[float, float] | None:
     """``row``'s average % of tuned minus ``other``'s, and the paired bootstrap error of the difference (every
     task's rows resampled once for all three cells); None unless all three kept their rows."""
     tasks = list(reference["tasks"])
     if not all(paired(cell, reference, task) for cell in (row, other) for task in tasks):
         return None
-    differences = [resampled_shares(row, reference, task, seed) - resampled_shares(other, reference, task, seed)
-                   for seed, task in enumerate(tasks)]  # fmt: skip
-    average = sum(differences) / len(tasks)
-    return row["pct_of_tuned_avg"] - other["pct_of_tuned_avg"], float(average.std())
+    difference = resampled_average(row, reference) - resampled_average(other, reference)
+    return row["pct_of_tuned_avg"] - other["pct_of_tuned_avg"], float(difference.std())
 
 
 def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, str]:
@@ -182,8 +187,7 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
         row["pct_of_tuned_avg"] = sum(values) / len(values)
         row["pct_of_tuned_avg_stderr"] = math.sqrt(sum(e**2 for _, e in shares.values())) / len(values)
         if all(paired(row, reference, task) for task in row["tasks"]) and row is not reference:
-            average = sum(resampled_shares(row, reference, task, seed) for seed, task in enumerate(row["tasks"]))
-            row["pct_of_tuned_avg_stderr"] = float((average / len(values)).std())
+            row["pct_of_tuned_avg_stderr"] = float(resampled_average(row, reference).std())
     tasks = list(SUITES[suite_name]["tasks"].items())
     if rows:  # the metric the cells were tested with (older cells of a suite may predate a change of metric)
         tasks = [(task, rows[0]["tasks"][task]["metric"]) for task, _ in tasks]

@@ -36,12 +36,10 @@ def load(run: Path) -> dict[tuple[str, str], list[dict]]:
 
 
 def average_share(cell: dict, reference: dict):
-    """(average % of tuned, its paired bootstrap resamples ``[RESAMPLES]``); task ``i`` resamples with seed ``i``,
-    so two cells' resamples pair row for row."""
+    """(average % of tuned, its paired bootstrap resamples ``[RESAMPLES]``: :func:`quality.resampled_average`)."""
     tasks = list(reference["tasks"])
     value = sum(quality.share(cell, reference, task)[0] for task in tasks) / len(tasks)
-    resamples = sum(quality.resampled_shares(cell, reference, task, seed) for seed, task in enumerate(tasks))
-    return value, resamples / len(tasks)
+    return value, quality.resampled_average(cell, reference)
 
 
 def compare(groups: dict[tuple[str, str], list[dict]]) -> dict[tuple, dict]:

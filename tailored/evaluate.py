@@ -55,40 +55,41 @@ class TaskMetrics(nn.Module):
             self.rouge = nn.ModuleDict({key: CatMetric() for key in ROUGE_KEYS})  # per row F1
 
     def compute(self) -> dict[str, float]:
-        """Every metric, and ``<metric>_stderr`` where per-row values were recorded."""
+        """Every metric, and ``<metric>_stderr`` where per-row values were recorded: each from its per-row columns
+        by :func:`row_statistic`, the error a bootstrap over the rows (the loss itself is the running mean)."""
         loss = float(self.loss.compute())
         results = {"loss": loss}
         if self.kind == "language_modeling":
             results["perplexity"] = math.exp(loss)
-        rows = {}
-        if self.row_tokens.update_count:
-            nll, tokens = self.row_nll.compute().double().flatten(), self.row_tokens.compute().double().flatten()
-            results["loss_stderr"] = bootstrap_stderr(lambda n, t: n.sum(-1) / t.sum(-1), nll, tokens)
-            if self.kind == "language_modeling":
-                results["perplexity_stderr"] = bootstrap_stderr(lambda n, t: (n.sum(-1) / t.sum(-1)).exp(), nll, tokens)
-        if hasattr(self, "correct"):
-            rows |= {"accuracy": self.correct, "accuracy_norm": self.correct_norm}
-        if hasattr(self, "rouge"):
-            rows |= dict(self.rouge.items())
-        for name, metric in rows.items():
-            values = metric.compute().double().flatten()
-            results[name] = float(values.mean())
-            results[f"{name}_stderr"] = bootstrap_stderr(lambda v: v.mean(-1), values)
-        if hasattr(self, "label") and self.label.update_count:
-            correct, label = self.correct.compute().double().flatten(), self.label.compute().long().flatten()
-            results["balanced_accuracy"] = float(balanced_accuracy(correct, label))
-            results["balanced_accuracy_stderr"] = bootstrap_stderr(balanced_accuracy, correct, label)
+        columns = self.columns()
+        names = list(results) if "nll" in columns else []
+        if "correct" in columns:
+            names += ["accuracy", "accuracy_norm"] + (["balanced_accuracy"] if "label" in columns else [])
+        names += [key for key in ROUGE_KEYS if key in columns]
+        keys = list(columns)
+        for name in names:
+            results.setdefault(name, float(row_statistic(name, columns)))
+
+            def statistic(*values: torch.Tensor, name: str = name) -> torch.Tensor:  # resampled columns in
+                return row_statistic(name, dict(zip(keys, values, strict=True)))
+
+            results[f"{name}_stderr"] = bootstrap_stderr(statistic, *columns.values())
         return results
 
-    def row_values(self) -> dict[str, list[float]]:
-        """The recorded per-row columns (``nll``, ``tokens``; ``correct``, ``correct_norm``, ``label``; ROUGE F1s),
-        so that two models tested on the same rows can be compared pair by pair (:func:`row_statistic`)."""
-        columns = {"nll": self.row_nll, "tokens": self.row_tokens}
+    def columns(self) -> dict[str, torch.Tensor]:
+        """The recorded per-row columns, ``[N]`` float64 each: ``nll``, ``tokens``; ``correct``, ``correct_norm``,
+        ``label``; the ROUGE F1s."""
+        metrics = {"nll": self.row_nll, "tokens": self.row_tokens}
         if hasattr(self, "correct"):
-            columns |= {"correct": self.correct, "correct_norm": self.correct_norm, "label": self.label}
+            metrics |= {"correct": self.correct, "correct_norm": self.correct_norm, "label": self.label}
         if hasattr(self, "rouge"):
-            columns |= dict(self.rouge.items())
-        return {name: metric.compute().flatten().tolist() for name, metric in columns.items() if metric.update_count}
+            metrics |= dict(self.rouge.items())
+        return {name: metric.compute().double().flatten() for name, metric in metrics.items() if metric.update_count}
+
+    def row_values(self) -> dict[str, list[float]]:
+        """:meth:`columns` as lists, so that two models tested on the same rows can be compared pair by pair
+        (:func:`row_statistic` gives back every metric from them)."""
+        return {name: column.tolist() for name, column in self.columns().items()}
 
     def update_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Teacher-forced loss of a batch: ``logits [B, K, V]`` predict ``targets [B, K]`` (aligned, not shifted;

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from tailored.transition import lora_state
+
 
 def adapter_key(name: str) -> str:
     """A parameter name as a ``ParameterDict`` key (no dots)."""
@@ -34,9 +36,8 @@ class CorrectedTeacher(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        lora = {name: value for name, value in model.named_parameters() if "lora_" in name}
         self.adapters = nn.ParameterDict(
-            {adapter_key(name): nn.Parameter(value.detach().clone()) for name, value in lora.items()}
+            {adapter_key(name): nn.Parameter(value) for name, value in lora_state(model).items()}
         )
         if not self.adapters:
             raise ValueError("distill.teacher corrected needs a model with LoRA adapters")
