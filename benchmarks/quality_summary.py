@@ -95,6 +95,7 @@ def summary(runs: list[Path]) -> str:
     keys = sorted(set().union(*compared), key=lambda k: (k[0], k[1] != "main", k[1], k[2]))
     runs_header = " | ".join(run.name for run in runs)
     lines = [
+        f"Command: `python benchmarks/quality_summary.py {' '.join(sys.argv[1:])}`  ",
         f"Runs: {', '.join(str(run) for run in runs)}",
         "",
         f"% of tuned (average over the suite's tasks) per run: {runs_header}; then the mean. The difference is from "
