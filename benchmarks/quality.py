@@ -97,21 +97,29 @@ def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder
         test += ["--model.model", model]
     tailored("test", *config, *test, log=log)
     results_file = max((folder / "test").rglob("test_results.json"))
-    results = json.loads(results_file.read_text())
     per_row = json.loads((results_file.parent / "test_rows.json").read_text())
-    tasks = {
-        task: {"metric": metric, "value": results[task][metric], "stderr": results[task][f"{metric}_stderr"]}
-        | ({"also": {ALSO[metric]: results[task][ALSO[metric]]}} if metric in ALSO else {})
-        for task, metric in suite["tasks"].items()
-    }
+    validate = [*test, "--trainer.default_root_dir", str(folder / "validation")]
+    tailored("validate", *config, *validate, log=log)
+    validation_file = max((folder / "validation").rglob("val_results.json"))
     return {
         "method": method,
         "kept_fraction": kept if kept is not None else 1.0,
         "distill": distill,
-        "tasks": tasks,
+        "tasks": primary_metrics(suite, json.loads(results_file.read_text())),
+        "validation": primary_metrics(suite, json.loads(validation_file.read_text())),
         "rows": {task: per_row[task] for task in suite["tasks"]},
         "parameters": report.get("parameters", {}).get("after"),
         "seconds": round(seconds, 1),
+    }
+
+
+def primary_metrics(suite: dict, results: dict) -> dict:
+    """Per task of the suite: its primary metric's value and standard error (and the secondary one) in
+    ``results`` (a ``test_results.json`` or ``val_results.json``)."""
+    return {
+        task: {"metric": metric, "value": results[task][metric], "stderr": results[task][f"{metric}_stderr"]}
+        | ({"also": {ALSO[metric]: results[task][ALSO[metric]]}} if metric in ALSO else {})
+        for task, metric in suite["tasks"].items()
     }
 
 
@@ -191,12 +199,17 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
     tasks = list(SUITES[suite_name]["tasks"].items())
     if rows:  # the metric the cells were tested with (older cells of a suite may predate a change of metric)
         tasks = [(task, rows[0]["tasks"][task]["metric"]) for task, _ in tasks]
+    validated = any("validation" in row for row in rows)  # cells made before validation was measured have none
     columns = ["method", "kept", "distill", *(f"{task} {metric}" for task, metric in tasks)]
+    columns += [f"validation {task} {metric}" for task, metric in tasks] if validated else []
     columns += ["% of tuned (avg)", "parameters", "fit s"]
     lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in sorted(rows, key=lambda r: (-r["kept_fraction"], r["method"], r["distill"])):
         cells = [row["method"], f"{row['kept_fraction']:g}", "yes" if row["distill"] else ""]
         cells += [f"{row['tasks'][t]['value']:.4g} ± {row['tasks'][t]['stderr']:.2g}" for t, _ in tasks]
+        if validated:
+            found = row.get("validation", {})
+            cells += [f"{found[t]['value']:.4g} ± {found[t]['stderr']:.2g}" if t in found else "" for t, _ in tasks]
         average = row.get("pct_of_tuned_avg")
         cells.append("" if average is None else f"{average:.1f} ± {row['pct_of_tuned_avg_stderr']:.1f}")
         cells += [f"{row['parameters']:,}" if row["parameters"] else "", f"{row['seconds']:.0f}"]
@@ -251,7 +264,8 @@ def main() -> None:
         f"peft {version('peft')}, lightning {version('lightning')}  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
         f"Python {platform.python_version()}, accelerator: {accelerator()}  ",
-        "Values: test-row metric ± bootstrap standard error; % of tuned: share of the LoRA-tuned dense model's.",
+        "Values: test-row metric ± bootstrap standard error (validation columns: the validation rows, on which "
+        "settings are chosen); % of tuned: share of the LoRA-tuned dense model's on the test rows.",
     ]
     existing = ARGS.out / f"quality-{ARGS.suite}.json"
     if ARGS.report_only and existing.is_file():  # keep the header of the run that made the cells

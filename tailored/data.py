@@ -12,13 +12,15 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer
 
-from tailored import sources
+from tailored import cleaning, sources
 from tailored.models import check_model_name, resolve_model
 from tailored.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text
 
@@ -153,6 +155,8 @@ class DomainData(L.LightningDataModule):
                 found = sources.columns(source)
                 if found is not None:
                     task.check_columns(found, source)
+                    if task.start_at is not None or task.stop_at is not None:
+                        self._rows(task, source)  # a marker no row begins with
         if tokenizer:
             check_model_name(tokenizer)
         self.tokenizer = None
@@ -167,19 +171,30 @@ class DomainData(L.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_name))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.split_sizes = []
         for index, task in enumerate(self.tasks):
             train_rows, test_rows = self._split(task)
             train_rows, val_rows = self._carve_validation(task, train_rows)
+            val_rows = cleaning.without_overlap(task, val_rows, [test_rows])
+            kept = cleaning.without_overlap(task, train_rows, [val_rows, test_rows])
+            repeats, train_rows = len(train_rows) - len(kept), kept
             self.train_examples.append(self._encode(task, train_rows))
             self.val_items.append(self._encode_eval(index, task, train_rows, val_rows))
             self.eval_items.append(self._encode_eval(index, task, train_rows, test_rows))
-            splits = (("training", self.train_examples[-1]), ("validation", self.val_items[-1]))
-            for split, examples in (*splits, ("test", self.eval_items[-1])):
+            splits = (
+                ("training", train_rows, self.train_examples[-1]),
+                ("validation", val_rows, self.val_items[-1]),
+                ("test", test_rows, self.eval_items[-1]),
+            )
+            for split, rows, examples in splits:
                 if not examples:
                     raise ValueError(
                         f"task {task.name!r}: its {split} split is empty after tokenisation (seq_len {self.seq_len}); "
                         "give it more rows or a shorter seq_len"
                     )
+                dropped = repeats if split == "training" else 0
+                self.split_sizes.append(SplitSize.of(task.name, split, len(rows), examples, dropped))
+        print_split_sizes(self.split_sizes)
 
     def _split(self, task: Task):
         """Training and held-out rows of a task.
@@ -187,13 +202,11 @@ class DomainData(L.LightningDataModule):
         Held out: ``eval_source``, or else ``eval_fraction`` of the rows: the last ones for language modelling (text
         stays contiguous), a random sample for instruction tasks (whose files are often sorted).
         """
-        rows = sources.load_rows(task.source)
-        task.check_columns(rows.column_names, task.source)
+        rows = self._rows(task, task.source)
         language_modeling = task.kind == "language_modeling"
         size = max(1, round(task.eval_fraction * len(rows)))  # held-out rows when there is no eval_source
         if task.eval_source:
-            held_out = sources.load_rows(task.eval_source)
-            task.check_columns(held_out.column_names, task.eval_source)
+            held_out = self._rows(task, task.eval_source)
         elif language_modeling:
             cut = len(rows) - size
             rows, held_out = rows.select(range(cut)), rows.select(range(cut, len(rows)))
@@ -210,6 +223,13 @@ class DomainData(L.LightningDataModule):
         if task.shots > len(rows):
             raise ValueError(f"task {task.name!r}: {task.shots} shots but only {len(rows)} training rows")
         return rows, held_out
+
+    @staticmethod
+    def _rows(task: Task, source: str):
+        """Every row of ``source``, trimmed to the task's markers and without its ``remove`` patterns."""
+        rows = sources.load_rows(source)
+        task.check_columns(rows.column_names, source)
+        return cleaning.without_patterns(task, cleaning.trimmed(task, rows, source))
 
     def _carve_validation(self, task: Task, rows):
         """(training rows, validation rows): validation taken out of the training rows, never trained on."""
@@ -322,6 +342,36 @@ class DomainData(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self.weights[:] = state_dict["weights"]
         self.reference_losses = state_dict.get("reference_losses")
+
+
+@dataclass
+class SplitSize:
+    """What one split of a task holds: rows of its file(s), examples made of them, and their tokens."""
+
+    task: str
+    split: str
+    rows: int
+    """Rows read (lines of a text file); language modelling packs them into blocks of ``seq_len`` tokens."""
+    examples: int
+    tokens: int
+    dropped: int = 0
+    """Training rows left out because their prompt repeats a validation or test row's."""
+
+    @classmethod
+    def of(cls, task: str, split: str, rows: int, examples: list[dict], dropped: int = 0) -> SplitSize:
+        return cls(task, split, rows, len(examples), sum(len(example["input_ids"]) for example in examples), dropped)
+
+
+@rank_zero_only
+def print_split_sizes(sizes: list[SplitSize]) -> None:
+    """The table of what every split holds, printed once when the data is set up."""
+    width = max(len(size.task) for size in sizes)
+    lines = [f"{'task'.ljust(width)}  split       {'rows':>7}  {'examples':>8}  {'tokens':>10}"]
+    for size in sizes:
+        note = f"  ({size.dropped} rows left out: they repeat a held-out prompt)" if size.dropped else ""
+        counts = f"{size.rows:>7,}  {size.examples:>8,}  {size.tokens:>10,}"
+        lines.append(f"{size.task.ljust(width)}  {size.split:<10}  {counts}{note}")
+    print("\n".join(["data splits", *lines]))
 
 
 MINIMUM_SIZES = {"seq_len": 2, "eval_seq_len": 2, "batch_size": 1, "val_rows": 1, "eval_rows": 1, "eval_blocks": 1}

@@ -569,7 +569,11 @@ class TailoredModule(L.LightningModule):
                 self.log(f"{stage}/{task.name}/{name}", value, prog_bar=stage == "val" and name == "loss")
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics (``tailored validate`` also writes them to ``val_results.json``); move the
+        mixture weights (dynamic batch loading)."""
         self._log_evaluation("val")
+        if self.trainer.state.fn == "validate":
+            self._write_results("validation", {"val_results.json": self.results})
         data = self.trainer.datamodule
         if data.dynamic and not self.trainer.sanity_checking:
             data.update_weights([self.results[task.name]["loss"] for task in self.tasks])
@@ -580,14 +584,20 @@ class TailoredModule(L.LightningModule):
         """Print the results; with a logger, also write them to ``<log dir>/test_results.json``, and the per-row
         values (paired comparisons of models tested on the same rows) to ``test_rows.json``."""
         self._log_evaluation("test")
+        self._write_results("test", {"test_results.json": self.results, "test_rows.json": self.row_values})
+
+    def _write_results(self, stage: str, files: dict[str, dict]) -> None:
+        """Print :attr:`results` under ``stage``; with a logger, write ``files`` (name -> JSON) to the log dir."""
         log_dir = self.trainer.log_dir if self.trainer.loggers else None  # every rank: log_dir broadcasts
         if not self.trainer.is_global_zero:
             return
-        print(format_results(self.results))
+        print(format_results(self.results, stage))
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / "test_results.json").write_text(json.dumps(self.results, indent=2) + "\n")
-            (Path(log_dir) / "test_rows.json").write_text(json.dumps(self.row_values) + "\n")
+            for name, values in files.items():
+                (Path(log_dir) / name).write_text(
+                    json.dumps(values, indent=2 if name.endswith("results.json") else None) + "\n"
+                )
 
     @torch.no_grad()
     def dense_losses(self) -> list[float]:
@@ -735,11 +745,11 @@ def set_random_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def format_results(results: dict[str, dict[str, float]]) -> str:
-    """Per-task results as aligned text, one line per task."""
+def format_results(results: dict[str, dict[str, float]], stage: str = "test") -> str:
+    """Per-task results as aligned text under ``<stage> results``, one line per task."""
     width = max(len(name) for name in results)
     lines = [
         f"{name.ljust(width)}  " + "  ".join(f"{metric} {value:.4g}" for metric, value in metrics.items())
         for name, metrics in results.items()
     ]
-    return "\n".join(["test results", *lines])
+    return "\n".join([f"{stage} results", *lines])

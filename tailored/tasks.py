@@ -6,6 +6,8 @@ One task per kind, e.g.::
       source: pypi:sentencepiece==0.2.3/test/botchan.txt
       kind: language_modeling
       text: "{text}"
+      start_at: "BOTCHAN (MASTER DARLING)"     # the book only: no Project Gutenberg header ...
+      stop_at: "End of Project Gutenberg"      # ... nor licence (tailored.cleaning)
     - name: hqs                                # generation: prompt -> answer, scored by ROUGE
       source: ../shared/data/medical/hqs_train.jsonl
       kind: generation
@@ -27,6 +29,7 @@ Templates use ``{field}`` of the data; a list field (PubMedQA's CONTEXTS) is joi
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -72,6 +75,14 @@ class Task:
     """generation: most tokens generated per answer (greedy)."""
     stop: str = "\n"
     """generation: the answer ends at the first occurrence of this text."""
+    start_at: str | None = None
+    """Drop the rows of each file (source and eval_source) before the first row whose text begins with this,
+    e.g. the title after a Project Gutenberg header (:mod:`tailored.cleaning`)."""
+    stop_at: str | None = None
+    """Drop the first row (after ``start_at``) whose text begins with this and every row after it, e.g. the
+    licence at the end of a Project Gutenberg book."""
+    remove: list[str] = field(default_factory=list)
+    """Regular expressions deleted from every text field of every row, e.g. a notice repeated in each document."""
 
     def __post_init__(self) -> None:
         def problem(message: str) -> ValueError:
@@ -97,6 +108,14 @@ class Task:
             raise problem(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_rows is not None and self.max_rows < 1:
             raise problem(f"max_rows must be >= 1 (or null: every row), got {self.max_rows}")
+        for option in ("start_at", "stop_at"):
+            if getattr(self, option) == "":
+                raise problem(f"{option} is empty; give the text a row begins with, or null")
+        for expression in self.remove:
+            try:
+                re.compile(expression)
+            except re.error as error:
+                raise problem(f"remove pattern {expression!r} is not a regular expression ({error}); fix it") from None
         for template in (self.text, self.prompt, self.answer, *self.choices):
             try:
                 template_fields(template)
