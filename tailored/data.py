@@ -12,8 +12,9 @@ import itertools
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -173,28 +174,34 @@ class DomainData(L.LightningDataModule):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.split_sizes = []
         for index, task in enumerate(self.tasks):
-            train_rows, test_rows = self._split(task)
-            train_rows, val_rows = self._carve_validation(task, train_rows)
-            val_rows = cleaning.without_overlap(task, val_rows, [test_rows])
-            kept = cleaning.without_overlap(task, train_rows, [val_rows, test_rows])
-            repeats, train_rows = len(train_rows) - len(kept), kept
-            self.train_examples.append(self._encode(task, train_rows))
-            self.val_items.append(self._encode_eval(index, task, train_rows, val_rows))
-            self.eval_items.append(self._encode_eval(index, task, train_rows, test_rows))
+            rows = self.split_rows(task)
+            self.train_examples.append(self._encode(task, rows.training))
+            self.val_items.append(self._encode_eval(index, task, rows.training, rows.validation))
+            self.eval_items.append(self._encode_eval(index, task, rows.training, rows.test))
             splits = (
-                ("training", train_rows, self.train_examples[-1]),
-                ("validation", val_rows, self.val_items[-1]),
-                ("test", test_rows, self.eval_items[-1]),
+                ("training", rows.training, self.train_examples[-1]),
+                ("validation", rows.validation, self.val_items[-1]),
+                ("test", rows.test, self.eval_items[-1]),
             )
-            for split, rows, examples in splits:
+            for split, split_rows, examples in splits:
                 if not examples:
                     raise ValueError(
                         f"task {task.name!r}: its {split} split is empty after tokenisation (seq_len {self.seq_len}); "
                         "give it more rows or a shorter seq_len"
                     )
-                dropped = repeats if split == "training" else 0
-                self.split_sizes.append(SplitSize.of(task.name, split, len(rows), examples, dropped))
+                dropped = rows.repeats.get(split, 0)
+                self.split_sizes.append(SplitSize.of(task.name, split, len(split_rows), examples, dropped))
         print_split_sizes(self.split_sizes)
+
+    def split_rows(self, task: Task) -> SplitRows:
+        """The task's training, validation and test rows (:meth:`_split`, :meth:`_carve_validation`), without the
+        validation rows that repeat a test prompt and the training rows that repeat a held-out one."""
+        training, test = self._split(task)
+        training, validation = self._carve_validation(task, training)
+        kept_validation = cleaning.without_overlap(task, validation, [test])
+        kept_training = cleaning.without_overlap(task, training, [kept_validation, test])
+        repeats = {"training": len(training) - len(kept_training), "validation": len(validation) - len(kept_validation)}
+        return SplitRows(kept_training, kept_validation, test, repeats)
 
     def _split(self, task: Task):
         """Training and held-out rows of a task.
@@ -345,6 +352,17 @@ class DomainData(L.LightningDataModule):
 
 
 @dataclass
+class SplitRows:
+    """The rows of one task's three splits (``datasets.Dataset`` each)."""
+
+    training: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset
+    repeats: dict[str, int] = field(default_factory=dict)
+    """Per split, the rows left out because their prompt repeats a row of a later split (validation, test)."""
+
+
+@dataclass
 class SplitSize:
     """What one split of a task holds: rows of its file(s), examples made of them, and their tokens."""
 
@@ -355,7 +373,7 @@ class SplitSize:
     examples: int
     tokens: int
     dropped: int = 0
-    """Training rows left out because their prompt repeats a validation or test row's."""
+    """Rows left out because their prompt repeats a row of a later split (validation, test)."""
 
     @classmethod
     def of(cls, task: str, split: str, rows: int, examples: list[dict], dropped: int = 0) -> SplitSize:
@@ -368,7 +386,7 @@ def print_split_sizes(sizes: list[SplitSize]) -> None:
     width = max(len(size.task) for size in sizes)
     lines = [f"{'task'.ljust(width)}  split       {'rows':>7}  {'examples':>8}  {'tokens':>10}"]
     for size in sizes:
-        note = f"  ({size.dropped} rows left out: they repeat a held-out prompt)" if size.dropped else ""
+        note = f"  ({size.dropped} rows left out: they repeat a later split's prompt)" if size.dropped else ""
         counts = f"{size.rows:>7,}  {size.examples:>8,}  {size.tokens:>10,}"
         lines.append(f"{size.task.ljust(width)}  {size.split:<10}  {counts}{note}")
     print("\n".join(["data splits", *lines]))

@@ -71,6 +71,9 @@ def inputs(tmp_path, tiny_model_dir, tiny_text):
     files["rows_config"] = config("rows", max_rows=0)
     files["eval_config"] = config("eval", eval_source=str(tmp_path / "missing_test.jsonl"))
     files["weight_config"] = config("weight", weight=0)
+    files["marker_config"] = config("marker", start_at="CHAPTER I")
+    files["stop_marker_config"] = config("stop_marker", stop_at="End of the book")
+    files["pattern_config"] = config("pattern", remove=["(unclosed"])
     return files
 
 
@@ -130,6 +133,9 @@ CASES = [
     ("fit -c {tokens_config}", r"task 'classify': max_new_tokens must be >= 1, got 0"),
     ("fit -c {rows_config}", r"task 'classify': max_rows must be >= 1 \(or null: every row\), got 0"),
     ("fit -c {weight_config}", r"task 'classify': weight must be positive, got 0.0"),
+    ("fit -c {marker_config}", r"task 'classify': no row of .*rows.jsonl begins with start_at 'CHAPTER I'; fix the"),
+    ("fit -c {stop_marker_config}", r"no row of .*rows.jsonl begins with stop_at 'End of the book'; fix the marker"),
+    ("fit -c {pattern_config}", r"task 'classify': remove pattern '\(unclosed' is not a regular expression"),
     # test, export, recovery
     ("test -c {config} --ckpt_path last", r"--ckpt_path last: .* has no last.ckpt; check trainer.default_root_dir"),
     ("test -c {config} --model.pruning.target 0", r"pruning.target .* must be in \(0, 1\), got 0"),
