@@ -6,15 +6,15 @@ One node, one process (CPU or one GPU)::
     tailored fit -c configs/quickstart.yaml --ckpt_path last          # continue a killed run
     tailored test -c configs/quickstart.yaml --ckpt_path last
     tailored export --ckpt_path runs/quickstart/checkpoints/last.ckpt --out exports/quickstart
-    tailored recovery -c configs/quickstart.yaml --pruned <export> --tuned <export of a pruning: null run>
+    tailored compare -c configs/quickstart.yaml --pruned <export> --tuned <export of a pruning: null run>
 
 Several GPUs of one node (Lightning launches the processes): DDP when the model fits one GPU, FSDP2 to shard it
-over every GPU (tailored.sharding)::
+over every GPU (tailored.train.sharding)::
 
     tailored fit -c configs/llama3-8b-medical.yaml --trainer.devices 8 --model.pruning.prune_at_recovery false
     tailored fit -c configs/fsdp.yaml
 
-Several nodes, the same config (README, "Several GPUs and nodes", has the SLURM script)::
+Several nodes, the same config (docs/distributed.md has the SLURM script)::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint <node 0>:29500 \\
         -m tailored.cli fit -c configs/fsdp.yaml --trainer.num_nodes 2                      # on every node
@@ -25,7 +25,9 @@ Several nodes, the same config (README, "Several GPUs and nodes", has the SLURM 
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import sys
@@ -38,16 +40,18 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tailored.callbacks import ExportPruned, GateMonitor, LineProgress
-from tailored.data import DomainData
-from tailored.evaluate import format_recovery, recovery_table
-from tailored.models import check_model_name
-from tailored.module import TailoredModule
-from tailored.sharding import METADATA_NAME, is_sharded_checkpoint, one_process_checkpoint
-from tailored.tasks import Task
-from tailored.watchdog import RankFailure, RankWatchdog
+from tailored.data.datamodule import DomainData
+from tailored.data.reports import format_recovery, recovery_table
+from tailored.data.tasks import RenamedOptionWarning, Task
+from tailored.models import EMBEDDED_SMOLLM2, check_model_name, load_config
+from tailored.train.callbacks import DynamicBatchLoading, ExportPruned, GateMonitor, LineProgress, ParameterSummary
+from tailored.train.module import TailoredModule
+from tailored.train.settings import available_memory, check_lora_rank, check_memory, training_memory
+from tailored.train.sharding import METADATA_NAME, is_sharded_checkpoint, one_process_checkpoint
+from tailored.train.watchdog import RankFailure, RankWatchdog
 
 
 def checkpoint_dir(root: str | None) -> str:
@@ -88,6 +92,91 @@ class TailoredCLI(LightningCLI):
                 raise NotADirectoryError(f"trainer.default_root_dir {root} is a file; choose a folder for the run")
             check_checkpoint(config.get("ckpt_path"), root, subcommand)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Check what needs the model's config but no weights (:func:`check_before_weights`), then run the
+        subcommand; a run refused for bad input leaves no log folder behind (:func:`remove_unused_log_folders`)."""
+        created = [folder for folder in log_folders(self.trainer) if not folder.exists()]
+        try:
+            check_before_weights(self.model, self.datamodule, self.trainer, subcommand)
+            super()._run_subcommand(subcommand)
+        except USER_ERRORS:
+            if self.trainer.is_global_zero:
+                remove_unused_log_folders(created)
+            raise
+
+
+def check_before_weights(module: TailoredModule, data: DomainData, trainer: L.Trainer, subcommand: str) -> None:
+    """Refuse, before any weight loads, a LoRA rank the model's projections cannot hold and (``fit``) a training
+    step that cannot fit in the memory of the device it will run on (:mod:`tailored.train.settings`)."""
+    config = load_config(module.model_name)
+    check_lora_rank(module.lora_settings, config)
+    if subcommand != "fit":
+        return
+    device = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+    forked = getattr(trainer.strategy.launcher, "_start_method", None) == "fork"
+    if device.type == "cuda" and forked:  # querying the GPU now would break the forked processes' CUDA
+        return
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    needed = training_memory(
+        config,
+        data.batch_size,
+        data.seq_len,
+        module.dtype_name,
+        module.lora_settings,
+        module.distill_settings,
+        module.gradient_checkpointing,
+        shards=trainer.world_size if sharded else 1,
+    )
+    check_memory(needed, available_memory(device), device, processes=trainer.num_devices)
+
+
+UNUSED_LOG_FILES = ("config.yaml", "hparams.yaml")
+"""Files a run writes to its log folder before (or without) logging anything: the saved config, the logger's
+hyper-parameters."""
+
+
+def log_folders(trainer: L.Trainer) -> list[Path]:
+    """The folders the run logs into (each logger's version folder, or the root without a logger) and their
+    parents up to ``trainer.default_root_dir``, deepest first."""
+    folders = [Path(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)]
+    root = Path(trainer.default_root_dir).absolute()
+    chains = []
+    for folder in folders or [root]:
+        folder = folder.absolute()
+        chains.append(folder)
+        while folder != root and root in folder.parents:
+            folder = folder.parent
+            chains.append(folder)
+    return sorted(set(chains), key=lambda folder: len(folder.parts), reverse=True)
+
+
+def remove_unused_log_folders(created: list[Path]) -> None:
+    """Remove the folders of ``created`` (made by this run: they did not exist when it started) that hold nothing
+    but :data:`UNUSED_LOG_FILES`, TensorBoard event files without an event, and such folders, deepest first."""
+    for folder in created:
+        if not folder.is_dir():
+            continue
+        entries = list(folder.iterdir())
+        if not all(entry.is_file() and unused_log_file(entry) for entry in entries):
+            continue
+        for entry in entries:
+            entry.unlink()
+        folder.rmdir()
+
+
+def unused_log_file(path: Path) -> bool:
+    """``path`` is a saved config or hyper-parameters, or a TensorBoard event file holding its header only."""
+    if path.name in UNUSED_LOG_FILES:
+        return True
+    if not path.name.startswith("events.out.tfevents."):
+        return False
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    try:
+        return all(event.WhichOneof("what") == "file_version" for event in EventFileLoader(str(path)).Load())
+    except Exception:  # unreadable: keep it
+        return False
+
 
 def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") -> None:
     """Fail clearly on a checkpoint that is missing or unreadable, before the model loads.
@@ -117,7 +206,7 @@ def check_checkpoint(ckpt_path: str | None, root: str, subcommand: str = "fit") 
         ) from None
 
 
-def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
+def export(ckpt_path: str, out: str, overwrite: bool = False, model: str | None = None) -> None:
     """Export the pruned model of a ``tailored fit`` checkpoint (any step), as the end of training would.
 
     Args:
@@ -125,19 +214,42 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
             an FSDP run, read on this one process).
         out: folder to write the model, tokenizer and pruning_report.json to (must not exist unless overwrite).
         overwrite: replace an existing non-empty ``out``.
+        model: the base model the run started from, when it has moved since (default: the path or name the
+            checkpoint records; checkpoints hold no base weights).
     """
     check_checkpoint(ckpt_path, ".")
     if Path(out).exists() and not Path(out).is_dir():
         raise FileExistsError(f"--out {out} is a file; choose a folder path for the export")
     if Path(out).is_dir() and any(Path(out).iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already holds files; choose a new folder or pass --overwrite true")
-    module = TailoredModule.load_from_checkpoint(one_process_checkpoint(ckpt_path), map_location="cpu")
+    checkpoint = one_process_checkpoint(ckpt_path)
+    if model is None:
+        recorded = recorded_model(checkpoint)
+        try:
+            check_model_name(recorded)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"checkpoint {ckpt_path} was written for the base model {recorded!r}, which is not there any more; "
+                "if it moved, pass where it is now: --model <path>"
+            ) from None
+    else:
+        check_model_name(model)
+    moved = {} if model is None else {"model": model}
+    module = TailoredModule.load_from_checkpoint(checkpoint, map_location="cpu", **moved)
     report = module.export(out, overwrite=overwrite)
     parameters = report["parameters"]
     print(f"pruned model saved to {out}: {parameters['after']:,} parameters ({parameters['kept_fraction']:.1%})")
 
 
-def recovery(
+def recorded_model(checkpoint: str | io.BytesIO) -> str:
+    """The base model (path or name) a ``tailored fit`` checkpoint was written for."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=isinstance(checkpoint, str))
+    if isinstance(checkpoint, io.BytesIO):
+        checkpoint.seek(0)
+    return state.get("hyper_parameters", {}).get("model", EMBEDDED_SMOLLM2)  # TailoredModule's default
+
+
+def compare(
     run_config: str,
     pruned: str,
     tuned: str | None = None,
@@ -193,13 +305,13 @@ def recovery(
 
 
 GENERAL_TASK = "general"
-"""Name of the general-text task of ``tailored recovery --general``."""
+"""Name of the general-text task of ``tailored compare --general``."""
 
 
 def general_text(source: str, domain: DomainData) -> DomainData:
-    """The general-text perplexity task of ``recovery --general``: every block of ``source`` (at most the domain
+    """The general-text perplexity task of ``compare --general``: every block of ``source`` (at most the domain
     data's ``eval_blocks``, evenly spread) at the domain data's ``seq_len``; checked before any model loads."""
-    task = Task(GENERAL_TASK, source, "language_modeling", eval_source=source)
+    task = Task(GENERAL_TASK, source, "language_modeling", test_source=source)
     return DomainData(
         [task],
         tokenizer=domain.tokenizer_name,
@@ -207,6 +319,42 @@ def general_text(source: str, domain: DomainData) -> DomainData:
         batch_size=domain.batch_size,
         eval_blocks=domain.eval_blocks,
     )
+
+
+THIRD_PARTY_NOISE = (
+    r"`is_gradient_checkpointing` is deprecated and will be removed in v6",  # transformers, from Lightning's summary
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch, from Lightning's pytree helper
+    # Lightning, loading a tailored checkpoint: it holds no frozen base weights by design (tailored.train.checkpoints
+    # reloads them and checks the trainable state itself)
+    r"Found keys that are in the model state dict but not in the checkpoint",
+)
+"""Exact warnings of dependencies that say nothing to a user of tailored (each names its source and cause)."""
+ADVERTISEMENT = "💡 Tip:"
+"""Lightning logs an advertisement for its cloud services whenever a run has no LitLogger."""
+
+
+def quiet_third_party_output() -> None:
+    """Silence :data:`THIRD_PARTY_NOISE` and Lightning's advertisement; every other warning still shows."""
+    for message in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith(ADVERTISEMENT)
+    )
+
+
+def renamed_options_in_one_line() -> None:
+    """Print each :class:`RenamedOptionWarning` once, as its one-line message (no source line, no repeats when
+    the config is read more than once); other warnings show as usual."""
+    show, shown = warnings.showwarning, set()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, RenamedOptionWarning):
+            show(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(message, file=sys.stderr)
+
+    warnings.showwarning = show_warning
 
 
 USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, MisconfigurationException)
@@ -240,20 +388,31 @@ def argument_problem(error: ArgumentError) -> str:
     return f"{option}: {problem}" if option else problem
 
 
+RENAMED_COMMANDS = {"recovery": "compare"}
+"""Old subcommand names still accepted for one release (with a one-line notice on stderr), and their new names."""
+
+
 def run(args: list[str] | None = None):
     """Parse ``args`` (default: the command line) and run the subcommand (raises on bad input).
 
-    Returns what ``export``/``recovery`` return.
+    Returns what ``export``/``compare`` return.
     """
-    commands = {"export": export, "recovery": recovery}
+    commands = {"export": export, "compare": compare}
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] and argv[0] in RENAMED_COMMANDS:
+        old, new = argv[0], RENAMED_COMMANDS[argv[0]]
+        print(f"tailored {old} is now tailored {new}; the old name goes in the next release", file=sys.stderr)
+        argv = [new, *argv[1:]]
     if argv[:1] and argv[0] in commands:
         options = ["--run_config" if arg == "-c" else arg for arg in argv[1:]]  # -c as in fit/test
         return CLI(commands[argv[0]], args=options, as_positional=False, exit_on_error=False)
     TailoredCLI(
         TailoredModule,
         DomainData,
-        trainer_defaults={"callbacks": [LearningRateMonitor()], "check_val_every_n_epoch": None},
+        trainer_defaults={
+            "callbacks": [LearningRateMonitor(), DynamicBatchLoading(), ParameterSummary()],
+            "check_val_every_n_epoch": None,
+        },
         args=args,
         parser_kwargs={"exit_on_error": False},
     )
@@ -261,6 +420,8 @@ def run(args: list[str] | None = None):
 
 def main() -> None:
     """Entry point of the ``tailored`` console script. ``TAILORED_TRACEBACK=1`` shows tracebacks of input errors."""
+    quiet_third_party_output()
+    renamed_options_in_one_line()
     try:
         run()
     except ArgumentError as error:

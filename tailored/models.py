@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from tailored import pruned_model
+from tailored.core import pruned_model
 
 EMBEDDED_SMOLLM2 = "embedded:SmolLM2-135M-Instruct"
 """Model name of the embedded default."""

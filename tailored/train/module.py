@@ -1,0 +1,272 @@
+"""The LightningModule: a Hugging Face LLaMA-family model + peft LoRA + pruning gates, trained in one run.
+
+    loss = (1 - w) * LM loss + w * distillation loss     (masked model, sampled gates; tailored.train.teacher)
+           + sparsity Lagrangian                          (tailored.core.gates; not in recovery)
+
+over the phases of :mod:`tailored.train.schedule` (warm-up, control, recovery). The two-stage baselines
+(``pruning.method``: taylor, magnitude, random) recover only: importance scores (tailored.core.importance) fix the
+target shape's units before the first step, the model is pruned, and LoRA tunes it.
+
+Only LoRA, gate (or generator) and multiplier parameters train; the base weights stay frozen and are not
+written to checkpoints (tailored.train.checkpoints). ``pruning: null`` trains plain LoRA: the baseline the pruned
+model is compared with. This class orchestrates; each concern lives in the module named in its method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from tailored.core.gates import PruningGates
+from tailored.core.importance import unit_scores
+from tailored.core.lora import lora_config, lora_state
+from tailored.core.masking import GateHooks
+from tailored.core.shapes import shape_gates
+from tailored.core.structure import GateValues, describe
+from tailored.data.metrics import TaskMetrics
+from tailored.models import load_model
+from tailored.train import checkpoints
+from tailored.train.evaluation import HeldOutEvaluation
+from tailored.train.exporting import export_run
+from tailored.train.optimization import build_optimizer
+from tailored.train.schedule import PHASES, Schedule
+from tailored.train.settings import (
+    DistillSettings,
+    LoraSettings,
+    OptimizerSettings,
+    PruningSettings,
+    check_fit,
+    check_settings,
+    model_target,
+)
+from tailored.train.sharding import average_gradients, is_sharded, shard
+from tailored.train.teacher import CorrectedTeacher, distillation_loss, kept_teacher, teacher_outputs
+from tailored.train.transition import check_adapters, prune_now
+
+
+class TailoredModule(HeldOutEvaluation):
+    """One-stage tuning and structural pruning of a LLaMA-family causal LM.
+
+    Args:
+        model: Hugging Face model folder, hub name, or ``embedded:SmolLM2-135M-Instruct``.
+        dtype: dtype of the frozen base weights (float32, bfloat16, float16).
+        lora: LoRA settings.
+        pruning: pruning settings; null trains plain LoRA.
+        optimizer: learning rates.
+        distill: distillation from the dense model (gates off); null trains on the LM loss alone.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded:SmolLM2-135M-Instruct",
+        dtype: str = "float32",
+        lora: LoraSettings | None = None,
+        pruning: PruningSettings | None = None,
+        optimizer: OptimizerSettings | None = None,
+        distill: DistillSettings | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_settings, self.optimizer_settings = lora or LoraSettings(), optimizer or OptimizerSettings()
+        self.pruning_settings, self.distill_settings = pruning, distill
+        check_settings(self.lora_settings, pruning, self.optimizer_settings, distill, dtype, gradient_checkpointing)
+        self.model_name, self.dtype_name, self.gradient_checkpointing = model, dtype, gradient_checkpointing
+        # cheap checks before any weight is loaded: the name, the architecture, the target; no structure (None) for
+        # a non-uniform export, which is tuned and evaluated as it is
+        self.structure_hint, self.target = model_target(model, pruning)
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold only the trainable state (tailored.train.checkpoints)
+        self.model = None
+        self.task_metrics = torch.nn.ModuleList()
+        self.results: dict[str, dict[str, float]] = {}
+        self.row_values: dict[str, dict[str, list[float]]] = {}  # per task, the last test's per-row columns
+        self.checkpoint_step = 0  # global step of the checkpoint this module was loaded from, if any
+        self.resumed_random_state: dict | None = None  # torch RNG state of that checkpoint
+        self.held_out_gates: GateValues | None = None  # gates of the current validation/test epoch
+        self.transition: dict | None = None  # what went into the "prune now" transition, once it happened
+        self.teacher = None  # after the transition, with distillation: the dense model the student came from
+        self.corrected_teacher: CorrectedTeacher | None = None  # distill.teacher corrected: the teacher's adapters
+
+    def setup(self, stage: str) -> None:
+        """Check the trainer settings (before :meth:`configure_model` loads weights); one metric set per task."""
+        if stage == "fit":
+            trainer = self.trainer
+            check_fit(
+                trainer.max_steps, self.pruning_settings, self.distill_settings, trainer.world_size, is_sharded(self)
+            )
+        self.tasks = self.trainer.datamodule.tasks
+        self.task_metrics = torch.nn.ModuleList(TaskMetrics(task) for task in self.tasks).to(self.device)
+
+    def configure_model(self) -> None:
+        """Load the base model, attach LoRA, create the gates and their hooks (once)."""
+        if self.model is not None:
+            return
+        base = load_model(self.model_name, dtype=getattr(torch, self.dtype_name))
+        base.requires_grad_(False)
+        base.train()  # from_pretrained returns eval mode; Lightning switches modes per stage itself
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable()
+            base.enable_input_require_grads()
+        self.model = get_peft_model(base, self.lora_config())
+        if self.distill_settings is not None and self.distill_settings.teacher == "corrected":
+            self.corrected_teacher = CorrectedTeacher(self.model)
+        self.structure = None if self.structure_hint is None else describe(self.model)
+        if self.target is not None:
+            pruning = self.pruning_settings
+            self.gates = PruningGates(
+                self.structure, self.target.prune, self.target, pruning.logits, pruning.init_log_alpha,
+                penalty_init=pruning.penalty_init,
+            ).to(self.device)  # fmt: skip
+            self.hooks = GateHooks(self.model)
+        if is_sharded(self):  # FSDP2: after the hooks and the structure, which read whole modules
+            shard(self.model, self.trainer.strategy)
+
+    @property
+    def tokenizer(self):
+        return self.trainer.datamodule.tokenizer
+
+    def lora_config(self):
+        settings = self.lora_settings
+        return lora_config(settings.rank, settings.alpha, settings.dropout, settings.targets)
+
+    @property
+    def pruned_now(self) -> bool:
+        """The model is the physically pruned one (the transition happened)."""
+        return self.transition is not None
+
+    @property
+    def schedule(self) -> Schedule:
+        pruning = self.pruning_settings
+        return Schedule.of(self.trainer.max_steps, pruning.warmup, pruning.recovery, pruning.two_stage)
+
+    def prune_now(self, step: int, adapters: dict | None = None) -> None:
+        """Replace the masked model by the smaller model it computes under the frozen gates, with fresh LoRA
+        (tailored.train.transition). ``adapters`` (a resumed run): the LoRA tensors the model had then. With
+        distillation the dense model stays as the teacher; otherwise it is freed."""
+        if adapters is not None:
+            check_adapters(self.model, adapters)
+            self.model.load_state_dict(adapters, strict=False)
+        gates = self.gates.frozen()
+        self.transition = {
+            "step": step,
+            "adapters": {name: value.cpu() for name, value in lora_state(self.model).items()},
+            "gates": {name: value.detach().cpu().clone() for name, value in gates.items()},
+        }
+        fresh_lora = self.lora_config() if self.pruning_settings.recovery_weights == "lora" else None
+        pruned = prune_now(self.model, gates, fresh_lora, self.gradient_checkpointing)
+        self.hooks.remove()
+        dense, self.model = self.model, pruned
+        self.teacher = None if self.distill_settings is None else kept_teacher(dense, self.distill_settings.teacher)
+        del dense
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.optimizers:
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the optimiser now tunes the new adapters
+
+    def importance_scores(self, criterion: str) -> GateValues:
+        """Scores of every unit under ``criterion`` (taylor: on ``calibration_batches`` training batches)."""
+        batches = []
+        if criterion == "taylor":
+            loader = self.trainer.datamodule.calibration_loader(self.pruning_settings.calibration_batches)
+            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in loader]
+        scores = unit_scores(criterion, self.model, batches, seed=self.trainer.datamodule.seed)
+        return GateValues(**{name: value.to(self.device) for name, value in scores.items()})
+
+    def on_train_start(self) -> None:
+        """A resumed run draws the gate noise the interrupted run would have drawn next."""
+        if self.resumed_random_state is not None:
+            checkpoints.set_random_state(self.resumed_random_state)
+            self.resumed_random_state = None
+
+    def on_fit_start(self) -> None:
+        """On a fresh run, importance scores: the gates' prior (one-stage) or the baseline's pruning."""
+        settings = self.pruning_settings
+        if settings is None or self.checkpoint_step > 0 or self.pruned_now or self.gates.is_frozen:
+            return
+        if settings.two_stage:  # prune once, to the target shape, by the baseline's scores
+            scores = self.importance_scores(settings.method)
+            self.gates.freeze(shape_gates(self.structure, self.target.shape, scores))
+            self.prune_now(step=0)
+        elif settings.importance is not None:
+            self.gates.init_from_scores(self.importance_scores(settings.importance), settings.importance_spread)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """On the first recovery step: freeze the gates at the exact target, and maybe prune now."""
+        if self.target is None or self.schedule.phase(self.global_step) != "recovery":
+            return
+        if not self.gates.is_frozen:
+            self.log("sparsity/ratio_before_topk", self.gates.kept_fraction(self.gates.deterministic()))
+            self.gates.freeze(self.gates.target_gates())
+        if self.pruning_settings.prune_at_recovery and not self.pruned_now:
+            self.prune_now(step=self.global_step)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        distill = self.distill_settings
+        teacher_logits, teacher_loss = None, None
+        if distill is not None:
+            teacher = self.teacher if self.teacher is not None else self.model
+            adapters_off = self.teacher is None and (distill.teacher == "base" or self.target is None)
+            teacher_logits, teacher_loss = teacher_outputs(teacher, batch, self.corrected_teacher, adapters_off)
+        if self.target is not None and not self.pruned_now:  # gates on until on_after_backward (checkpointing)
+            self.hooks.activate(self.gates.frozen() if self.gates.is_frozen else self.gates.sample())
+        output = self.model(**batch)
+        lm_loss = loss = output.loss
+        if teacher_logits is not None:
+            kd = distillation_loss(output.logits, teacher_logits, batch["labels"], distill.temperature)
+            loss = (1 - distill.weight) * lm_loss + distill.weight * kd
+            self.log("train/distill_loss", kd)
+        if teacher_loss is not None:  # the corrected teacher's adapters learn the domain next to the student
+            loss = loss + teacher_loss
+            self.log("train/teacher_loss", teacher_loss)
+        if self.target is not None:
+            loss = loss + self.sparsity_term()
+            self.log("train/lm_loss", lm_loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=self.target is None)
+        if self.target is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("sparsity/hard_ratio", self.gates.kept_fraction(self.evaluation_gates()), prog_bar=True)
+            self.log_dict(self.gates.expected_sparsity())
+        return loss
+
+    def sparsity_term(self) -> torch.Tensor:
+        """The Lagrangian of the expected kept fraction's gap to the ramped target (0 in recovery)."""
+        schedule, step = self.schedule, self.global_step
+        phase = schedule.phase(step)
+        self.log("train/phase", float(PHASES.index(phase)))
+        if phase == "recovery":  # DDP needs a gradient for every trainable parameter; on_after_backward drops it
+            return 0.0 * sum(parameter.sum() for parameter in self.gates.parameters())
+        regulariser, logs = self.gates.lagrangian(schedule.ramp(step))
+        self.log_dict(logs)
+        return regulariser
+
+    def on_after_backward(self) -> None:
+        if self.target is None:
+            return
+        self.hooks.deactivate()
+        if self.gates.is_frozen:  # the zero gradients of the recovery phase: the optimiser must not step on them
+            for parameter in self.gates.parameters():
+                parameter.grad = None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
+        if self.target is not None and is_sharded(self):
+            average_gradients(self.gates.parameters())
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The step, then the logit clamp: before any callback (a checkpoint) sees the parameters."""
+        super().optimizer_step(*args, **kwargs)
+        if self.target is not None:
+            self.gates.clamp_()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self, self.optimizer_settings)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoints.slim(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        checkpoints.restore(self, checkpoint)
+
+    def export(self, path: str | Path, overwrite: bool = False, model: torch.nn.Module | None = None) -> dict:
+        """Prune, merge and save the model to ``path`` (:func:`tailored.train.exporting.export_run`)."""
+        return export_run(self, path, overwrite, model)

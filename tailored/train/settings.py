@@ -1,0 +1,398 @@
+"""Every setting of a run, as the dataclasses the CLI reads from YAML, with the checks that need no weights.
+
+``TailoredModule(model, dtype, lora, pruning, optimizer, distill, gradient_checkpointing)`` takes these; each
+``check()`` raises a ``ValueError`` that names the setting and the fix, before any weight loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tailored.core.gates import LOGIT_SOURCES, UNIT_TYPES
+from tailored.core.importance import CRITERIA
+from tailored.core.lora import PROJECTIONS
+from tailored.core.structure import ModelStructure, structure_from_config
+from tailored.core.targets import SparsityTarget, resolve_target
+from tailored.models import check_model_name, is_pruned_export, load_config
+
+METHODS = ("one_stage", *CRITERIA)
+"""one_stage: gates learned while tuning; taylor/magnitude/random: two-stage baselines (score, prune, tune)."""
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the projections of every decoder layer."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is B A x * alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    """Projections that get adapters (a subset of q/k/v/o_proj, gate/up/down_proj)."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work."""
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout is a probability in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(PROJECTIONS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets {unknown or self.targets} are not projections; choose from {PROJECTIONS}")
+
+
+@dataclass
+class PruningSettings:
+    """What to prune, how far, and on which schedule."""
+
+    target: float | None = 0.7
+    """Kept fraction of the prunable parameters, in (0, 1). Leave null when giving target_shape."""
+    target_shape: dict[str, int] | None = None
+    """Uniform target shape instead of a fraction: any of groups, channels, hidden, layers (kept counts)."""
+    units: list[str] = field(default_factory=lambda: ["groups", "channels"])
+    """Unit types to prune: groups (KV heads with their query heads), channels, hidden, layers, attn, mlp."""
+    uniform: bool = True
+    """Every layer ends with the same shape, so the export is a stock Hugging Face model."""
+    logits: str = "direct"
+    """Gate logits: direct (one per unit, clamped to Sheared-LLaMA's range after every step) or generator (ATP's
+    pruning-decision network, trained at optimizer.generator_lr; its logits are not clamped)."""
+    warmup: float = 0.3
+    """Fraction of the pruning steps (warm-up + control) over which the target ramps from dense."""
+    recovery: float = 0.2
+    """Fraction of all steps, at the end, with gates frozen at the exact target while LoRA keeps tuning."""
+    round_to: int = 8
+    """Uniform mode: kept channels and hidden dims are multiples of this (fast kernels prefer 8 or 64)."""
+    init_log_alpha: float = 5.0
+    """Initial gate logit (5: every unit kept with probability ~0.999)."""
+    penalty_init: float = 100.0
+    """Initial quadratic multiplier lambda_2: damps the approach to the target in short runs (0 in CoFi/Sheared)."""
+    method: str = "one_stage"
+    """one_stage (learn the gates while tuning), or a two-stage baseline: taylor, magnitude or random scores
+    prune the model once at step 0 to the target shape, then LoRA tunes the smaller model for every step."""
+    importance: str | None = "taylor"
+    """one_stage: initialise the gate logits from these scores (taylor, magnitude, random), null for a constant."""
+    importance_spread: float = 4.0
+    """one_stage with importance: logits start from init_log_alpha (best unit of a layer) down to
+    init_log_alpha - spread (worst), in the order of the scores."""
+    calibration_batches: int = 8
+    """Training batches that taylor scores are computed on (drawn from the stream with another seed)."""
+    recovery_weights: str = "lora"
+    """After the model is pruned (prune_at_recovery, or a baseline's step 0), what trains: lora (fresh adapters on
+    the smaller model) or all (every weight of the smaller model: recovers more per step, costs optimiser state
+    for the whole model and full-size checkpoints)."""
+    prune_at_recovery: bool = True
+    """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
+    (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work (called before any weight loads; not
+        in ``__post_init__``, where the CLI would bury the message in its report on ``PruningSettings | None``)."""
+        unknown = sorted(set(self.units) - set(UNIT_TYPES))
+        if unknown or not self.units:
+            raise ValueError(
+                f"pruning.units: unknown or empty {unknown or self.units}; choose from {', '.join(UNIT_TYPES)}"
+            )
+        if self.uniform and {"attn", "mlp"} & set(self.units):
+            raise ValueError("pruning.units attn/mlp remove blocks from some layers only; they need uniform: false")
+        for name in ("warmup", "recovery"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"pruning.{name} is a fraction of steps in [0, 1), got {getattr(self, name)}")
+        if self.method not in METHODS:
+            raise ValueError(f"pruning.method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method != "one_stage" and not self.uniform:
+            raise ValueError(f"pruning.method {self.method} prunes to a uniform target shape; set uniform: true")
+        if self.importance is not None and self.importance not in CRITERIA:
+            raise ValueError(
+                f"pruning.importance must be one of {', '.join(CRITERIA)} or null, got {self.importance!r}"
+            )
+        if self.recovery_weights not in ("lora", "all"):
+            raise ValueError(f"pruning.recovery_weights must be lora or all, got {self.recovery_weights!r}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.importance_spread < 0:
+            raise ValueError(f"pruning.importance_spread must be >= 0, got {self.importance_spread}")
+        if self.logits not in LOGIT_SOURCES:
+            raise ValueError(f"pruning.logits must be one of {', '.join(LOGIT_SOURCES)}; got {self.logits!r}")
+        if self.round_to < 1:
+            raise ValueError(f"pruning.round_to must be >= 1 (1: no rounding), got {self.round_to}")
+
+    @property
+    def two_stage(self) -> bool:
+        """A baseline that prunes at step 0 (no gates are learned)."""
+        return self.method != "one_stage"
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW learning rates of the three trainable groups."""
+
+    lora_lr: float = 1e-4
+    """LoRA adapters."""
+    gates_lr: float = 0.5
+    """Direct gate logits (one parameter per unit)."""
+    generator_lr: float = 1e-3
+    """The decision generator's weights (pruning.logits: generator; ATP trains its generator with 1e-3)."""
+    multipliers_lr: float = 0.05
+    """Lagrange multipliers (gradient ascent); keep it well below gates_lr so the gates can follow."""
+    weights_lr: float = 1e-4
+    """Every weight of the pruned model, when pruning.recovery_weights is all."""
+    weight_decay: float = 0.0
+    """Weight decay of the tuned weights (LoRA adapters, or all weights after pruning)."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first learning rate or decay that cannot work."""
+        for name in ("lora_lr", "gates_lr", "generator_lr", "weights_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"optimizer.{name} must be positive, got {getattr(self, name)}")
+        for name in ("multipliers_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
+
+
+TEACHERS = ("tuned", "base", "corrected")
+
+
+@dataclass
+class DistillSettings:
+    """Distillation from the dense teacher (the gates off) on the positions that carry the LM loss."""
+
+    weight: float = 0.5
+    """Share of the distillation loss: loss = (1 - weight) * LM loss + weight * KL. 1 distils only."""
+    temperature: float = 2.0
+    """Softmax temperature of teacher and student (NutePrune uses 2)."""
+    teacher: str = "tuned"
+    """tuned: the dense weights with the current LoRA adapters; base: adapters off (the pretrained model);
+    corrected: the dense weights with adapters of the teacher's own, trained on the LM loss in the same steps
+    (tailored.train.teacher; one more forward and backward per step). Which one helps depends on whether the
+    pretrained model can already do the domain's tasks: docs/quality.md has the measurements."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the first setting that cannot work."""
+        if not 0 < self.weight <= 1:
+            raise ValueError(f"distill.weight is the share of the distillation loss, in (0, 1]; got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"distill.temperature must be positive, got {self.temperature}")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"distill.teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
+
+
+def check_settings(
+    lora: LoraSettings,
+    pruning: PruningSettings | None,
+    optimizer: OptimizerSettings,
+    distill: DistillSettings | None,
+    dtype: str,
+    gradient_checkpointing: bool,
+) -> None:
+    """Raise a ``ValueError`` for the first setting, or combination of settings, that cannot work."""
+    for settings in (lora, pruning, optimizer, distill):
+        if settings is not None:
+            settings.check()
+    if distill is not None and distill.teacher == "corrected" and gradient_checkpointing:
+        raise ValueError(
+            "distill.teacher corrected swaps the teacher's adapters in for its forward, which gradient "
+            "checkpointing would replay with the student's; set gradient_checkpointing false or use teacher tuned"
+        )
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+
+
+def check_fit(
+    max_steps: int | None,
+    pruning: PruningSettings | None,
+    distill: DistillSettings | None,
+    processes: int,
+    sharded: bool,
+) -> None:
+    """Raise a ``ValueError`` for trainer settings a fit cannot run with (``processes``: the world size;
+    ``sharded``: FSDP)."""
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(
+            f"trainer.max_steps must be a positive number of steps, got {max_steps}: the pruning phases are "
+            "scheduled over a fixed number of steps"
+        )
+    swaps_model = pruning is not None and (pruning.two_stage or pruning.prune_at_recovery)
+    if swaps_model and (processes > 1 or sharded):
+        raise ValueError(
+            "pruning.method baselines and pruning.prune_at_recovery swap in the pruned model mid-run, which works "
+            "on one process only for now (not with several, nor with FSDP, where the model is sharded); train on "
+            "one device, or set pruning.prune_at_recovery false (one_stage)"
+        )
+    if sharded and distill is not None and distill.teacher == "corrected":
+        raise ValueError(
+            "distill.teacher corrected swaps whole adapter tensors, which FSDP shards; with FSDP use teacher "
+            "tuned or base"
+        )
+    if sharded and pruning is not None and pruning.importance == "taylor":
+        raise ValueError(
+            "pruning.importance taylor needs gradients of the frozen base weights next to the LoRA ones, which "
+            "FSDP cannot reduce in one unit (bf16 base, fp32 LoRA); with FSDP use importance magnitude, random or "
+            "null"
+        )
+
+
+def model_target(model: str, pruning: PruningSettings | None) -> tuple[ModelStructure | None, SparsityTarget | None]:
+    """The structure of ``model`` read from its config (None for a non-uniform tailored export, which is tuned and
+    evaluated as it is) and the sparsity target ``pruning`` resolves to; ``ValueError`` before any weight loads."""
+    check_model_name(model)
+    config = load_config(model)
+    if is_pruned_export(config):
+        if pruning is not None:
+            raise ValueError(
+                f"{model} is a non-uniform tailored export ({config.model_type}): its layers differ in shape and "
+                "cannot be pruned again; tune or evaluate it with --model.pruning null, or prune the original model"
+            )
+        return None, None
+    structure = structure_from_config(config)
+    if pruning is None:
+        return structure, None
+    units = tuple(pruning.units)
+    return structure, resolve_target(structure, units, pruning.target, pruning.target_shape, pruning.uniform,
+                                     pruning.round_to)  # fmt: skip
+
+
+def projection_widths(config) -> dict[str, tuple[int, int]]:
+    """``{projection: (in_features, out_features)}`` of each decoder projection, read from a model config (the
+    smallest layer's, for a non-uniform export whose ``layer_shapes`` differ; projections every layer lost are left
+    out)::
+
+        q_proj  hidden -> heads * head_dim        o_proj     heads * head_dim -> hidden
+        k_proj  hidden -> kv_heads * head_dim     gate/up    hidden -> intermediate
+        v_proj  hidden -> kv_heads * head_dim     down_proj  intermediate -> hidden
+    """
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    groups, channels = [kv_heads], [config.intermediate_size]
+    shapes = getattr(config, "layer_shapes", None)
+    if shapes:  # a non-uniform export: 0 marks a removed block
+        groups = [shape["num_key_value_heads"] for shape in shapes if shape["num_key_value_heads"]]
+        channels = [shape["intermediate_size"] for shape in shapes if shape["intermediate_size"]]
+    widths = {}
+    if groups:
+        kv, n_rep = min(groups), heads // kv_heads
+        widths |= {"q_proj": (hidden, kv * n_rep * head_dim), "k_proj": (hidden, kv * head_dim),
+                   "v_proj": (hidden, kv * head_dim), "o_proj": (kv * n_rep * head_dim, hidden)}  # fmt: skip
+    if channels:
+        inner = min(channels)
+        widths |= {"gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+    return widths
+
+
+def check_lora_rank(lora: LoraSettings, config) -> None:
+    """Refuse a ``lora.rank`` above the width (``min(in_features, out_features)``) of the narrowest projection in
+    ``lora.targets``: an update ``B A`` of a higher rank spends memory and time on nothing it can express."""
+    widths = {name: min(shape) for name, shape in projection_widths(config).items() if name in lora.targets}
+    if not widths:
+        return
+    narrowest = min(widths, key=widths.get)
+    if lora.rank > widths[narrowest]:
+        inputs, outputs = projection_widths(config)[narrowest]
+        raise ValueError(
+            f"lora.rank {lora.rank} is larger than {narrowest}'s width {widths[narrowest]} (in {inputs}, out "
+            f"{outputs} features), the highest rank its update can have; set --model.lora.rank "
+            f"{widths[narrowest]} or less, or leave {narrowest} out of lora.targets"
+        )
+
+
+def parameter_count(config) -> int:
+    """Parameters of a model of ``config`` (embeddings, projections, norms, lm_head; biases left out)."""
+    hidden, vocab, heads = config.hidden_size, config.vocab_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    n_rep = heads // config.num_key_value_heads
+    uniform = {"num_key_value_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size}
+    shapes = getattr(config, "layer_shapes", None) or [uniform] * config.num_hidden_layers
+    total = vocab * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+    for shape in shapes:
+        kv, inner = shape["num_key_value_heads"], shape["intermediate_size"]
+        total += 2 * hidden * kv * head_dim * (n_rep + 1) + 3 * hidden * inner + 2 * hidden
+    return total
+
+
+ACTIVATION_FACTOR = 8
+"""Activation values kept per token, layer and hidden unit for the backward pass (norm inputs, q/k/v, attention
+output, MLP inputs): a lower bound of what a LLaMA layer keeps (about 20 for SmolLM2 by the term-by-term count of
+benchmarks/speed/memory_arithmetic.py), so that only clear overshoots are refused."""
+CHECKPOINTED_ACTIVATION_FACTOR = 1
+"""The same with gradient checkpointing: each layer keeps its input only."""
+
+
+def training_memory(
+    config,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    lora: LoraSettings,
+    distill: DistillSettings | None,
+    gradient_checkpointing: bool,
+    shards: int = 1,
+) -> int:
+    """Estimated peak bytes of one training step on one device (a lower bound: only clear overshoots are refused)::
+
+        weights     = parameters * bytes(dtype) / shards              frozen base weights (FSDP: sharded)
+        lora        = 4 * 4 bytes * rank * layers * sum(in + out)     fp32 adapters, gradients, two Adam moments
+        logits      = 3 * 4 bytes * B * T * vocab * (2 if distill)    fp32 logits, the loss's softmax, their gradient
+        activations = c * bytes(dtype) * B * T * hidden * layers      kept for the backward; twice with the
+                      * (2 if distill.teacher is corrected)           corrected teacher (a backward of its own)
+        total       = weights + lora + logits + activations
+
+    ``c`` is :data:`ACTIVATION_FACTOR`, or :data:`CHECKPOINTED_ACTIVATION_FACTOR` with gradient checkpointing;
+    ``lora`` sums over the projections in ``lora.targets``; ``B``, ``T``: ``data.batch_size``, ``data.seq_len``.
+    """
+    width = getattr(torch, dtype).itemsize
+    tokens, layers = batch_size * seq_len, config.num_hidden_layers
+    adapted = sum(inputs + outputs for name, (inputs, outputs) in projection_widths(config).items()
+                  if name in lora.targets)  # fmt: skip
+    weights = parameter_count(config) * width // shards
+    adapters = 4 * 4 * lora.rank * adapted * layers
+    logits = 3 * 4 * tokens * config.vocab_size * (2 if distill is not None else 1)
+    factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else ACTIVATION_FACTOR
+    corrected = distill is not None and distill.teacher == "corrected"
+    activations = factor * width * tokens * config.hidden_size * layers * (2 if corrected else 1)
+    return weights + adapters + logits + activations
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: a GPU's free memory (``torch.cuda.mem_get_info``), or the machine's available
+    memory for the CPU (psutil when installed, else ``MemAvailable`` of /proc/meminfo); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(needed: int, available: int | None, device: torch.device, processes: int = 1) -> None:
+    """Refuse a training step that needs more than the device has (``processes`` runs on one CPU machine each
+    need ``needed``); nothing is refused when the free memory is unknown."""
+    total = needed * (processes if device.type == "cpu" else 1)
+    if available is None or total <= available:
+        return
+    where = "the machine" if device.type == "cpu" else str(device)
+    each = f" ({processes} processes of {gigabytes(needed)})" if total != needed else ""
+    raise ValueError(
+        f"a training step needs about {gigabytes(total)}{each} but {where} has {gigabytes(available)} free; use "
+        "a smaller data.batch_size or data.seq_len, --model.gradient_checkpointing true, or --model.dtype bfloat16"
+    )
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**27 else f"{size / 2**20:.0f} MiB"
