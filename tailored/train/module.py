@@ -20,7 +20,6 @@ import torch
 from peft import get_peft_model
 
 from tailored.core.gates import PruningGates
-from tailored.core.importance import unit_scores
 from tailored.core.lora import lora_config, lora_state
 from tailored.core.masking import GateHooks
 from tailored.core.shapes import shape_gates
@@ -43,7 +42,7 @@ from tailored.train.settings import (
 )
 from tailored.train.sharding import average_gradients, is_sharded, shard
 from tailored.train.teacher import CorrectedTeacher, distillation_loss, kept_teacher, teacher_outputs
-from tailored.train.transition import check_adapters, prune_now
+from tailored.train.transition import check_adapters, importance_scores, prune_now
 
 
 class TailoredModule(HeldOutEvaluation):
@@ -164,15 +163,6 @@ class TailoredModule(HeldOutEvaluation):
         if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.optimizers:
             self.trainer.strategy.setup_optimizers(self.trainer)  # the optimiser now tunes the new adapters
 
-    def importance_scores(self, criterion: str) -> GateValues:
-        """Scores of every unit under ``criterion`` (taylor: on ``calibration_batches`` training batches)."""
-        batches = []
-        if criterion == "taylor":
-            loader = self.trainer.datamodule.calibration_loader(self.pruning_settings.calibration_batches)
-            batches = [{k: v.to(self.device) for k, v in batch.items()} for batch in loader]
-        scores = unit_scores(criterion, self.model, batches, seed=self.trainer.datamodule.seed)
-        return GateValues(**{name: value.to(self.device) for name, value in scores.items()})
-
     def on_train_start(self) -> None:
         """A resumed run draws the gate noise the interrupted run would have drawn next."""
         if self.resumed_random_state is not None:
@@ -185,11 +175,11 @@ class TailoredModule(HeldOutEvaluation):
         if settings is None or self.checkpoint_step > 0 or self.pruned_now or self.gates.is_frozen:
             return
         if settings.two_stage:  # prune once, to the target shape, by the baseline's scores
-            scores = self.importance_scores(settings.method)
+            scores = importance_scores(self, settings.method)
             self.gates.freeze(shape_gates(self.structure, self.target.shape, scores))
             self.prune_now(step=0)
         elif settings.importance is not None:
-            self.gates.init_from_scores(self.importance_scores(settings.importance), settings.importance_spread)
+            self.gates.init_from_scores(importance_scores(self, settings.importance), settings.importance_spread)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """On the first recovery step: freeze the gates at the exact target, and maybe prune now."""

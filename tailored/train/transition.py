@@ -16,6 +16,7 @@ from __future__ import annotations
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from tailored.core.importance import unit_scores
 from tailored.core.prune import prune_model
 from tailored.core.structure import GateValues
 
@@ -52,3 +53,15 @@ def check_adapters(model: nn.Module, adapters: dict) -> None:
             f"the checkpoint's pre-transition adapters do not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); resume with the config the checkpoint was written with"
         )
+
+
+def importance_scores(module, criterion: str) -> GateValues:
+    """Scores of every unit of ``module``'s model under ``criterion`` (taylor: on ``pruning.calibration_batches``
+    training batches of its datamodule), on the module's device: what a baseline prunes by, or the gates start from."""
+    data, device = module.trainer.datamodule, module.device
+    batches = []
+    if criterion == "taylor":
+        loader = data.calibration_loader(module.pruning_settings.calibration_batches)
+        batches = [{key: value.to(device) for key, value in batch.items()} for batch in loader]
+    scores = unit_scores(criterion, module.model, batches, seed=data.seed)
+    return GateValues(**{name: value.to(device) for name, value in scores.items()})
