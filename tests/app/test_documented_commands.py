@@ -1,7 +1,7 @@
 """Every command the README, docs/*.md and the config headers show, run as a user runs it, in a user's order.
 
-Each walk takes a real config (configs/quickstart.yaml with its distillation, configs/medical.yaml with its
-instruction tasks), keeps every setting but the model, the data and the run length (a tiny model, tiny files,
+Each walk takes a real config (configs/quickstart.yaml and its header's distillation override, configs/medical.yaml
+with its instruction tasks), keeps every setting but the model, the data and the run length (a tiny model, tiny files,
 8 steps), and runs each documented command in a fresh ``python -m tailored.cli`` process from the repository root.
 A command fails the walk when it exits non-zero or prints a traceback. :func:`test_the_walks_cover_every_documented
 _subcommand` fails when the docs gain a subcommand the walks do not run.
@@ -97,26 +97,38 @@ def check_export(export: Path) -> None:
     assert report["parameters"]["after"] < report["parameters"]["before"]
 
 
+def header_override(config: Path, label: str) -> list[str]:
+    """The options after ``-c <config>`` on the header line ``# <label>: tailored fit -c <config> ...``."""
+    line = next(line for line in config.read_text().splitlines() if line.startswith(f"# {label}:"))
+    return line.split(f"-c configs/{config.name}", 1)[1].split()
+
+
 def test_quickstart_walk(tmp_path, tiny_model_dir):
-    """configs/quickstart.yaml (distillation from the base teacher, groups and channels, recovery) on a tiny
-    model: fit, resume the finished run, test, validate, export a checkpoint, compare, help."""
-    quickstart = yaml.safe_load(CONFIGS[0].read_text())
-    assert quickstart["model"]["distill"]["teacher"] == "base"  # the walk covers what the config does
+    """configs/quickstart.yaml (groups and channels, recovery) on a tiny model: fit, resume the finished run, test,
+    validate, export a checkpoint, compare, help; and its header's distillation override: fit, then test
+    ``--ckpt_path last`` (a distilled run's checkpoint once held the teacher's adapters, which test refused)."""
     rng = random.Random(0)
     words = [" ".join(f"w{rng.randrange(3, 64)}" for _ in range(20)) for _ in range(120)]
-    task = quickstart["data"]["tasks"][0]
+    task = yaml.safe_load(CONFIGS[0].read_text())["data"]["tasks"][0]
     text = tmp_path / "book.txt"  # the config's markers and note pattern apply: header, notes, end
     text.write_text("\n".join(["header w3 w4", task["start_at"], *(w + " [D]" for w in words), task["stop_at"], "w5"]))
     root = tmp_path / "runs" / "quickstart"
     tasks = [task | {"source": str(text)}]
     config = tiny_version(CONFIGS[0], tmp_path / "quickstart.yaml", tiny_model_dir, root, {"tasks": tasks})
 
+    distil = [*header_override(CONFIGS[0], "Distil"), "--trainer.default_root_dir", tmp_path / "runs" / "distilled"]
+    assert "--model.distill.teacher" in distil
+    fit = tailored("fit", "-c", config, *distil)
+    assert "pruned model saved to" in fit.stdout + fit.stderr
+    checkpoint = tmp_path / "runs" / "distilled" / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    leaked = [name for name in state if name.startswith("teacher.")]
+    assert not leaked, f"the kept teacher's frozen weights went into the checkpoint: {leaked[:3]}"
+    tailored("test", "-c", config, *distil, "--ckpt_path", "last")
+
     fit = tailored("fit", "-c", config)
     assert "pruned model saved to" in fit.stdout + fit.stderr
     check_export(only_export(root))
-    state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    leaked = [name for name in state if name.startswith("teacher.")]
-    assert not leaked, f"the kept teacher's frozen weights went into the checkpoint: {leaked[:3]}"
 
     tailored("fit", "-c", config, "--ckpt_path", "last")  # resuming a finished run: nothing left to do
     tailored("test", "-c", config, "--ckpt_path", "last")
