@@ -44,7 +44,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tailored.data.datamodule import DomainData
-from tailored.data.reports import format_recovery, recovery_table
+from tailored.data.reports import comparison_table, format_comparison
 from tailored.data.tasks import RenamedOptionWarning, Task
 from tailored.models import EMBEDDED_SMOLLM2, check_model_name, load_config
 from tailored.train.callbacks import DynamicBatchLoading, ExportPruned, GateMonitor, LineProgress, ParameterSummary
@@ -296,9 +296,9 @@ def compare(
             cli.trainer.test(module, datamodule=data, verbose=False)
             results[name] |= module.results
     outside = [GENERAL_TASK] if general else []
-    report = recovery_table(results, kinds, dense="dense", tuned="tuned", outside_average=outside)
+    report = comparison_table(results, kinds, dense="dense", tuned="tuned", outside_average=outside)
     report |= {"models": models, "general_source": general, "results": results}
-    print(format_recovery(report))
+    print(format_comparison(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report

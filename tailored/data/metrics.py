@@ -1,4 +1,4 @@
-"""Task metrics (torchmetrics) and the recovery table.
+"""Task metrics (torchmetrics), each with its bootstrap standard error, from the per-row values they keep.
 
 | kind | metric | how |
 |---|---|---|
@@ -29,7 +29,7 @@ PRIMARY_METRIC = {
     "generation": "rougeL",
     "language_modeling": "perplexity",
 }
-"""The metric of a task kind that the recovery table compares (perplexity: lower is better)."""
+"""The metric of a task kind that the comparison table (tailored compare) compares (perplexity: lower is better)."""
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 

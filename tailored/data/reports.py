@@ -1,4 +1,4 @@
-"""Tables of results: per-task metrics, and the recovery table (each model's share of the dense model's)."""
+"""Tables of results: per-task metrics, and the comparison table of `tailored compare` (shares of the dense model)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from tailored.data.metrics import PRIMARY_METRIC
 
 
-def recovery_table(
+def comparison_table(
     results: dict[str, dict[str, dict[str, float]]],
     kinds: dict[str, str],
     dense: str,
@@ -50,8 +50,8 @@ def recovery_table(
     return {"tasks": table, "average": average, "outside_average": list(outside_average)}
 
 
-def format_recovery(report: dict) -> str:
-    """The recovery table as aligned text: one row per task and the average, one column per model and share."""
+def format_comparison(report: dict) -> str:
+    """The comparison table as aligned text: one row per task and the average, one column per model and share."""
     tasks = report["tasks"]
     shares = list(report["average"])
     models = [key for key in next(iter(tasks.values())) if key != "metric" and key not in shares]

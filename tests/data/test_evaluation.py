@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tailored.cli import run
 from tailored.data.datamodule import DomainData, dynamic_weights
 from tailored.data.metrics import TaskMetrics, balanced_accuracy, row_statistic
-from tailored.data.reports import format_recovery, recovery_table
+from tailored.data.reports import comparison_table, format_comparison
 from tailored.data.scoring import greedy_answers, loss_positions, option_log_likelihoods
 from tailored.data.tasks import IGNORE_INDEX, Task, encode_example, format_prompt
 
@@ -368,21 +368,21 @@ def test_test_and_recovery_commands_report_every_task_kind(tmp_path, task_files,
     assert json.loads((tmp_path / "r.json").read_text())["average"]["pruned % of dense"] == pytest.approx(100.0)
 
 
-def test_recovery_table_inverts_perplexity_and_compares_to_dense_and_tuned():
+def test_comparison_table_inverts_perplexity_and_compares_to_dense_and_tuned():
     results = {
         "dense": {"qa": {"accuracy": 0.8}, "text": {"perplexity": 10.0}},
         "tuned": {"qa": {"accuracy": 0.9}, "text": {"perplexity": 8.0}},
         "pruned": {"qa": {"accuracy": 0.6}, "text": {"perplexity": 20.0}},
     }
     kinds = {"qa": "classification", "text": "language_modeling"}
-    table = recovery_table(results, kinds, dense="dense", tuned="tuned")
+    table = comparison_table(results, kinds, dense="dense", tuned="tuned")
     assert table["tasks"]["qa"]["pruned % of dense"] == pytest.approx(75.0)
     assert table["tasks"]["text"]["pruned % of dense"] == pytest.approx(50.0)
     assert table["tasks"]["text"]["pruned % of tuned"] == pytest.approx(40.0)
     assert table["average"] == pytest.approx(
         {"tuned % of dense": (112.5 + 125.0) / 2, "pruned % of dense": 62.5, "pruned % of tuned": (60.0 / 0.9 + 40) / 2}
     )
-    text = format_recovery(table).splitlines()
+    text = format_comparison(table).splitlines()
     assert text[0].split() == ["task", "metric", "dense", "tuned", "pruned", "tuned", "%", "of", "dense", "pruned",
                                "%", "of", "dense", "pruned", "%", "of", "tuned"]  # fmt: skip
     assert text[-1].split() == ["average", "118.8", "62.5", "53.3"]
