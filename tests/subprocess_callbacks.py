@@ -69,3 +69,24 @@ class SignalRankAfterStep(L.Callback):
 def whole(value: torch.Tensor) -> torch.Tensor:
     """A detached copy of ``value``, all-gathered when it is a shard (every rank must call it in the same order)."""
     return (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+
+
+class RecordDecisions(L.Callback):
+    """Save, after every optimiser step, the exact target mask, the budget gap and whether the gates are frozen
+    (the inputs of the decide-then-prune rule), to ``path`` when fit ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.steps = path, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if module.gates.is_frozen:
+            self.steps.append({"step": trainer.global_step - 1, "frozen": True})
+            return
+        mask = {name: (value > 0) for name, value in module.gates.target_gates().items()}
+        expected = float(module.gates.expected_sparsity()["sparsity/expected_ratio"])
+        phase = module.schedule.phase(trainer.global_step - 1)
+        record = {"step": trainer.global_step - 1, "frozen": False, "mask": mask, "phase": phase}
+        self.steps.append(record | {"gap": expected - module.target.fraction})
+
+    def on_fit_end(self, trainer, module) -> None:
+        torch.save({"steps": self.steps, "decision": module.decision}, self.path)

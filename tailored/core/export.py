@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tailored.core import pruned_model
 from tailored.core.prune import PruningPlan, is_stock_layout, plan_pruning
+from tailored.core.shapes import uniform_shape_of
 from tailored.core.structure import GateValues, ModelStructure, parameter_count
 
 REPORT_NAME = "pruning_report.json"
@@ -42,6 +43,7 @@ def pruning_report(structure: ModelStructure, gates: GateValues, source: str | N
         "parameters": {"before": before, "after": after, "kept_fraction": after / before},
         "hidden_size": {"before": structure.hidden_size, "after": len(plan.hidden)},
         "num_layers": {"before": structure.num_layers, "after": len(plan.layers)},
+        "uniform_shape": uniform_shape_of(gates.kept()),  # kept counts when every kept layer has the same
         "dense_layer": {  # what every layer of the source has, for the kept counts below
             "kv_heads": structure.num_kv_heads,
             "query_heads": structure.num_heads,

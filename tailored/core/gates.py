@@ -200,12 +200,11 @@ class PruningGates(nn.Module):
     def sparsity_loss(self, warmup: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The Lagrangian and the (expected, target) constraint fractions ``[K]``.
 
-        ``warmup`` in [0, 1] moves every target from 1 (dense) to its final value.
+        ``warmup`` in [0, 1] moves every budget target from 1 (dense) to its final value.
         """
         if self.target is None:
             raise RuntimeError("these gates have no sparsity target")
-        expected, final = constraint_values(self.target, self.structure, self.keep_probabilities())
-        target = 1 - warmup * (1 - final.to(expected.device))
+        expected, target = constraint_values(self.target, self.structure, self.keep_probabilities(), warmup)
         gap = expected - target
         loss = (_ascent(self.lambda_1) * gap + _ascent(self.lambda_2) * gap**2).sum()
         return loss, expected.detach(), target

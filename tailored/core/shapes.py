@@ -52,6 +52,21 @@ def full_shape(structure: ModelStructure) -> UniformShape:
     )
 
 
+def uniform_shape_of(kept: GateValues) -> dict[str, int] | None:
+    """The kept counts of 0/1 gates as a uniform shape (``{"groups", "channels", "hidden", "layers"}``), or None
+    when the kept layers differ in shape."""
+    layers = kept.layers > 0
+    groups, channels = kept.groups[layers].sum(-1), kept.channels[layers].sum(-1)
+    if groups.numel() == 0 or bool((groups != groups[0]).any() or (channels != channels[0]).any()):
+        return None
+    return {
+        "groups": int(groups[0]),
+        "channels": int(channels[0]),
+        "hidden": int(kept.hidden.sum()),
+        "layers": int(layers.sum()),
+    }
+
+
 def shape_parameter_count(structure: ModelStructure, shape: UniformShape) -> int:
     """Exact parameters of a model of this shape (host arithmetic on the structure: the count is made on the CPU)."""
     kept = GateValues.ones(structure, device="cpu")

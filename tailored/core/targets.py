@@ -4,13 +4,22 @@ A target is a kept fraction ``t`` of the *prunable* parameters (those the pruned
 hidden dims pruned that includes the embeddings), or an explicit uniform shape.
 
 - ``uniform`` (the default): every layer must end with the same shape, so the export is a stock Hugging Face
-  model. A fraction is first turned into a target shape (:func:`uniform_shape_for_fraction`); the regulariser
-  then constrains every layer's expected KV-group and channel fractions, the hidden fraction and the layer
-  fraction to that shape (Sheared-LLaMA's per-structure targets, docs/method.md#section-5).
+  model. Two allocations of the budget between the unit types:
+
+  - ``learned`` (the default): one constraint on the expected kept fraction of all prunable parameters, as in
+    non-uniform mode, plus a tying constraint per layer and per-layer type (the layer's expected KV-group or
+    channel fraction equals the mean over layers). How many groups, channels, hidden dims and layers to keep is
+    learned; at the end :func:`learned_shape` rounds the layers' mean expected counts to the nearest legal stock
+    shape that meets the budget (docs/method.md#section-5).
+  - ``proportional``: the fraction is first turned into a fixed shape in which every pruned type keeps the same
+    share of its units (:func:`uniform_shape_for_fraction`); the regulariser constrains every layer's expected
+    KV-group and channel fractions, the hidden fraction and the layer fraction to that shape (Sheared-LLaMA's
+    per-structure targets). The two-stage baselines prune to this shape.
 - non-uniform: one constraint on the expected kept fraction of prunable parameters; layers find their own shapes
   (ATP / CoFi style).
 
-Constraint values are fractions in [0, 1]; the warm-up moves each target linearly from 1 (dense) to its value.
+Constraint values are fractions in [0, 1]; the warm-up moves each budget target linearly from 1 (dense) to its
+value (the tying constraints need no warm-up: they hold at the start).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from tailored.core.hard_concrete import keep_top_k, soft_value
 from tailored.core.shapes import UniformShape, fit_channels, full_shape, shape_gates, shape_parameter_count
 from tailored.core.structure import GateValues, ModelStructure, parameter_count
 
+ALLOCATIONS = ("learned", "proportional")
+"""How uniform mode splits the budget between unit types (see the module docstring)."""
 FRACTION_TOLERANCE = 0.01
 """A fraction target must be reachable within this many prunable-parameter fractions (1 percentage point)."""
 
@@ -36,9 +47,14 @@ class SparsityTarget:
     fraction: float
     """Kept fraction of the prunable parameters that the final model has."""
     shape: UniformShape | None
-    """Uniform mode: the shape every layer ends with; None in non-uniform mode."""
+    """Uniform mode with a proportional allocation (or a given shape): the shape every layer ends with; None
+    otherwise."""
     prune: tuple[str, ...]
     """Pruned unit types."""
+    tied: bool = False
+    """Uniform mode with a learned allocation: the shape is learned, every layer keeps the same counts."""
+    round_to: int = 8
+    """Kept channels and hidden dims of a learned shape are multiples of this."""
 
 
 def prunable_bounds(structure: ModelStructure, prune: tuple[str, ...]) -> tuple[float, float]:
@@ -136,8 +152,14 @@ def resolve_target(
     shape: dict | None,
     uniform: bool,
     round_to: int = 8,
+    allocation: str = "proportional",
 ) -> SparsityTarget:
-    """Check a user's target against the model (before training) and fill in the shape or the fraction."""
+    """Check a user's target against the model (before training) and fill in the shape or the fraction.
+
+    ``allocation`` (uniform mode, a fraction given): ``proportional`` fixes the shape now, ``learned`` leaves it to
+    the gates (and meets the fraction as closely as the learned counts allow)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"pruning.allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
     if (fraction is None) == (shape is None):
         raise ValueError("give exactly one of pruning.target (a kept fraction) and pruning.target_shape")
     if shape is not None:
@@ -166,20 +188,40 @@ def resolve_target(
         raise ValueError(
             f"pruning.target is the kept fraction of prunable parameters and must be in (0, 1), got {fraction}"
         )
+    if uniform and allocation == "learned":  # the shape is found at the end (learned_shape)
+        return SparsityTarget(fraction, None, prune, tied=True, round_to=round_to)
     if uniform:
         return SparsityTarget(fraction, uniform_shape_for_fraction(structure, prune, fraction, round_to), prune)
-    return SparsityTarget(fraction, None, prune)
+    return SparsityTarget(fraction, None, prune, round_to=round_to)
+
+
+TIED_TYPES = ("groups", "channels")
+"""Unit types counted per layer: a learned uniform shape ties their counts across layers."""
 
 
 def constraint_values(
-    target: SparsityTarget, structure: ModelStructure, probs: GateValues
+    target: SparsityTarget, structure: ModelStructure, probs: GateValues, ramp: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected, target) fractions of every constraint, ``[K]`` each, float32 on the probabilities' device,
-    differentiable in the keep probabilities."""
+    differentiable in the keep probabilities (the targets are not).
+
+    ``ramp`` in [0, 1] moves the budget targets from 1 (dense) to their final values (warm-up). Constraints, in
+    order: the prunable fraction (non-uniform and learned uniform), then for a learned uniform shape each layer's
+    expected fraction of every pruned :data:`TIED_TYPES` type against the mean over layers (``[L]`` per type);
+    for a fixed shape, each layer's group and channel fractions, the hidden and the layer fractions."""
+
+    def ramped(final: torch.Tensor) -> torch.Tensor:
+        return 1 - ramp * (1 - final)
+
     if target.shape is None:
-        expected = prunable_fraction(structure, target.prune, parameter_count(structure, probs))
-        wanted = torch.tensor([target.fraction], dtype=torch.float32, device=probs.hidden.device)
-        return expected.reshape(1).float(), wanted
+        expected = [prunable_fraction(structure, target.prune, parameter_count(structure, probs)).reshape(1).float()]
+        wanted = [ramped(torch.tensor([target.fraction], dtype=torch.float32, device=probs.hidden.device))]
+        for name in TIED_TYPES if target.tied else ():
+            if name in target.prune:
+                per_layer = getattr(probs, name).mean(-1).float()  # [L]
+                expected.append(per_layer)
+                wanted.append(per_layer.detach().mean().expand_as(per_layer))
+        return torch.cat(expected), torch.cat(wanted)
     full = full_shape(structure)
     expected, wanted = [], []
     for name, per_layer in (("groups", True), ("channels", True), ("hidden", False), ("layers", False)):
@@ -188,8 +230,74 @@ def constraint_values(
         values = getattr(probs, name)
         fraction = values.mean(-1) if per_layer else values.mean().reshape(1)
         expected.append(fraction)
-        wanted.append(torch.full_like(fraction, getattr(target.shape, name) / getattr(full, name)))
+        wanted.append(ramped(torch.full_like(fraction, getattr(target.shape, name) / getattr(full, name))))
     return torch.cat(expected).float(), torch.cat(wanted).float()
+
+
+def expected_counts(structure: ModelStructure, probs: GateValues) -> dict[str, float]:
+    """Expected kept units of every uniform-shape count: per layer (the mean over layers) for groups and
+    channels, model-wide for hidden dims and layers."""
+    return {
+        "groups": float(probs.groups.sum(-1).mean()),
+        "channels": float(probs.channels.sum(-1).mean()),
+        "hidden": float(probs.hidden.sum()),
+        "layers": float(probs.layers.sum()),
+    }
+
+
+def learned_shape(target: SparsityTarget, structure: ModelStructure, probs: GateValues) -> UniformShape:
+    """The stock uniform shape nearest the gates' expected counts that keeps the target fraction.
+
+    Every pruned count is rounded down and up (hidden dims to multiples of :func:`hidden_multiple`, groups to a
+    :func:`stock_group_count` when the hidden size is kept whole); for each combination the channel count is
+    fitted to the budget (:func:`tailored.core.shapes.fit_channels`, multiples of ``round_to``). Of the shapes
+    within :data:`FRACTION_TOLERANCE` of the target, the one with the smallest summed relative distance to the
+    expected counts is returned; if none is (channels not pruned, or at their bounds), the one closest to the
+    target fraction.
+    """
+    full = full_shape(structure)
+    fixed, total = prunable_bounds(structure, target.prune)
+    goal = fixed + target.fraction * (total - fixed)
+    expected = expected_counts(structure, probs)
+    channel_multiple = min(target.round_to, full.channels)
+
+    def around(name: str, multiple: int = 1) -> list[int]:
+        """Kept counts next to the expected one, multiples of ``multiple`` within 1 .. full (the full count if
+        the type is not pruned; a hidden size stays a multiple even at the top, as Llama's config requires)."""
+        size = getattr(full, name)
+        if name not in target.prune:
+            return [size]
+        multiple = min(multiple, size)
+        top = size // multiple * multiple if name == "hidden" else size
+        low = max(multiple, int(expected[name] // multiple) * multiple)
+        return sorted({min(top, low), min(top, low + multiple)})
+
+    candidates = []
+    for kept_groups in around("groups"):
+        groups = kept_groups if "hidden" in target.prune else stock_group_count(structure, kept_groups)
+        for hidden in around("hidden", hidden_multiple(structure, groups, target.round_to)):
+            for layers in around("layers"):
+                channels = around("channels", channel_multiple)[0]
+                shape = UniformShape(groups, channels, hidden, layers)
+                if "channels" in target.prune:
+                    try:
+                        shape = fit_channels(structure, shape, round(goal), channel_multiple)
+                    except ValueError:  # no width meets the budget with these counts
+                        continue
+                candidates.append(shape)
+    if not candidates:  # even the widest or narrowest MLP misses: keep the rounded counts
+        candidates = [UniformShape(*(around(name)[0] for name in ("groups", "channels", "hidden", "layers")))]
+
+    def achieved(shape: UniformShape) -> float:
+        return (shape_parameter_count(structure, shape) - fixed) / (total - fixed)
+
+    def distance(shape: UniformShape) -> float:
+        return sum(abs(getattr(shape, name) - expected[name]) / getattr(full, name) for name in expected)
+
+    meeting = [shape for shape in candidates if abs(achieved(shape) - target.fraction) <= FRACTION_TOLERANCE]
+    if meeting:
+        return min(meeting, key=distance)
+    return min(candidates, key=lambda shape: abs(achieved(shape) - target.fraction))
 
 
 def rounded_gates(log_alphas: dict[str, torch.Tensor], probs: GateValues, prune: tuple[str, ...]) -> GateValues:
@@ -207,14 +315,16 @@ def rounded_gates(log_alphas: dict[str, torch.Tensor], probs: GateValues, prune:
 def final_gates(
     target: SparsityTarget, structure: ModelStructure, log_alphas: dict[str, torch.Tensor], probs: GateValues
 ) -> GateValues:
-    """Deterministic gates that meet the target: the target shape exactly (uniform), or the rounded counts with
-    the globally most confident MLP channels chosen so the parameter count is closest to the target (non-uniform).
+    """Deterministic gates that meet the target: the target shape exactly (uniform; a learned one from
+    :func:`learned_shape`), or the rounded counts with the globally most confident MLP channels chosen so the
+    parameter count is closest to the target (non-uniform).
     """
     scores = probs.map(torch.ones_like)
     for name, log_alpha in log_alphas.items():
         setattr(scores, name, log_alpha)
-    if target.shape is not None:
-        gates = shape_gates(structure, target.shape, scores, soft=True)
+    shape = learned_shape(target, structure, probs) if target.tied else target.shape
+    if shape is not None:
+        gates = shape_gates(structure, shape, scores, soft=True)
         for name in ("groups", "channels", "hidden", "layers"):
             if name not in target.prune:
                 setattr(gates, name, torch.ones_like(getattr(gates, name)))

@@ -32,6 +32,10 @@ def slim(module, checkpoint: dict) -> None:
     checkpoint["tailored_structure"] = None if module.structure is None else asdict(module.structure)
     checkpoint["tailored_rng"] = random_state()
     checkpoint["tailored_transition"] = module.transition
+    checkpoint["tailored_decision"] = {
+        "decision": module.decision,
+        "settling": None if module.settling is None else module.settling.state_dict(),
+    }
 
 
 def restore(module, checkpoint: dict) -> None:
@@ -46,6 +50,10 @@ def restore(module, checkpoint: dict) -> None:
             f"{None if module.structure is None else asdict(module.structure)}; resume with the model the run "
             "started with"
         )
+    decision = checkpoint.get("tailored_decision") or {}
+    module.decision = decision.get("decision")
+    if module.settling is not None and decision.get("settling") is not None:
+        module.settling.load_state_dict(decision["settling"])
     transition = checkpoint.get("tailored_transition")
     if transition is not None and not module.pruned_now:  # replay the transition: the same pruned model again
         module.gates.freeze(GateValues(**transition["gates"]))

@@ -53,6 +53,8 @@ def export_run(module, path: str | Path, overwrite: bool = False, model: nn.Modu
         }
         count = parameter_count(module.structure, gates.kept())
         report["kept_fraction_of_prunable"] = float(prunable_fraction(module.structure, target.prune, count))
+        report["allocation"] = "learned" if target.tied else "per layer" if target.shape is None else "fixed shape"
+        report["decision"] = module.decision
     report["trained_steps"] = trained_steps
     save_pruned(pruned, path, tokenizer=tokenizer, report=report, overwrite=overwrite)
     write_card(path, report, task_names(module))  # no metrics here: the end of fit rewrites it with them

@@ -22,11 +22,13 @@ from peft import get_peft_model
 from tailored.core.gates import PruningGates
 from tailored.core.lora import lora_config, lora_state
 from tailored.core.masking import GateHooks
-from tailored.core.shapes import shape_gates
+from tailored.core.shapes import shape_gates, uniform_shape_of
 from tailored.core.structure import GateValues, describe
+from tailored.core.targets import prunable_fraction
 from tailored.data.metrics import TaskMetrics
 from tailored.models import load_model
 from tailored.train import checkpoints
+from tailored.train.decision import MaskSettling, agreement_with_importance, masked_base_loss
 from tailored.train.evaluation import HeldOutEvaluation
 from tailored.train.exporting import export_run
 from tailored.train.optimization import build_optimizer
@@ -88,6 +90,9 @@ class TailoredModule(HeldOutEvaluation):
         self.transition: dict | None = None  # what went into the "prune now" transition, once it happened
         self.teacher = None  # after the transition, with distillation: the dense model the student came from
         self.corrected_teacher: CorrectedTeacher | None = None  # distill.teacher corrected: the teacher's adapters
+        settle = None if pruning is None else pruning.settle_steps
+        self.settling = None if settle is None else MaskSettling(settle)  # decide, then prune (train/decision)
+        self.decision: dict | None = None  # when the gates froze, the shape, and how much was learned
 
     def setup(self, stage: str) -> None:
         """Check the trainer settings (before :meth:`configure_model` loads weights); one metric set per task."""
@@ -141,6 +146,29 @@ class TailoredModule(HeldOutEvaluation):
         pruning = self.pruning_settings
         return Schedule.of(self.trainer.max_steps, pruning.warmup, pruning.recovery, pruning.two_stage)
 
+    def phase(self) -> str:
+        """The current step's phase: recovery once the gates are frozen (at the scheduled start, or earlier when
+        the decision settled), otherwise the schedule's."""
+        return "recovery" if self.gates.is_frozen else self.schedule.phase(self.global_step)
+
+    def decide(self, step: int, gates: GateValues) -> None:
+        """Freeze ``gates`` (deterministic) and record the decision: its step, the shape, the agreement with the
+        importance scores and the masked base model's loss (tailored.train.decision), in TensorBoard and in
+        ``self.decision`` (checkpointed; the export's pruning_report.json holds it)."""
+        self.gates.freeze(gates)
+        kept = gates.kept()
+        self.decision = {
+            "step": step,
+            "shape": uniform_shape_of(kept),
+            "agreement_with_importance": agreement_with_importance(self.gates, kept),
+            "masked_base_loss": masked_base_loss(self, gates),
+        }
+        logs = {f"decision/kept_{name}": float(value) for name, value in (self.decision["shape"] or {}).items()}
+        logs |= {f"decision/agreement_{k}": v for k, v in (self.decision["agreement_with_importance"] or {}).items()}
+        logs |= {f"decision/masked_base_loss_{k}": v for k, v in self.decision["masked_base_loss"].items()}
+        if self.logger is not None:
+            self.logger.log_metrics(logs, step=step)
+
     def prune_now(self, step: int, adapters: dict | None = None) -> None:
         """Replace the masked model by the smaller model it computes under the frozen gates, with fresh LoRA
         (tailored.train.transition). ``adapters`` (a resumed run): the LoRA tensors the model had then. With
@@ -176,19 +204,21 @@ class TailoredModule(HeldOutEvaluation):
             return
         if settings.two_stage:  # prune once, to the target shape, by the baseline's scores
             scores = importance_scores(self, settings.method)
-            self.gates.freeze(shape_gates(self.structure, self.target.shape, scores))
+            self.decide(0, shape_gates(self.structure, self.target.shape, scores))
             self.prune_now(step=0)
         elif settings.importance is not None:
             self.gates.init_from_scores(importance_scores(self, settings.importance), settings.importance_spread)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """On the first recovery step: freeze the gates at the exact target, and maybe prune now."""
-        if self.target is None or self.schedule.phase(self.global_step) != "recovery":
+        """On the first recovery step (scheduled, or the step after the decision settled): freeze the gates at the
+        exact target, and maybe prune now."""
+        if self.target is None:
             return
-        if not self.gates.is_frozen:
+        settled = self.settling is not None and self.settling.settled
+        if not self.gates.is_frozen and (settled or self.schedule.phase(self.global_step) == "recovery"):
             self.log("sparsity/ratio_before_topk", self.gates.kept_fraction(self.gates.deterministic()))
-            self.gates.freeze(self.gates.target_gates())
-        if self.pruning_settings.prune_at_recovery and not self.pruned_now:
+            self.decide(self.global_step, self.gates.target_gates())
+        if self.gates.is_frozen and self.pruning_settings.prune_at_recovery and not self.pruned_now:
             self.prune_now(step=self.global_step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -221,7 +251,7 @@ class TailoredModule(HeldOutEvaluation):
     def sparsity_term(self) -> torch.Tensor:
         """The Lagrangian of the expected kept fraction's gap to the ramped target (0 in recovery)."""
         schedule, step = self.schedule, self.global_step
-        phase = schedule.phase(step)
+        phase = self.phase()
         self.log("train/phase", float(PHASES.index(phase)))
         if phase == "recovery":  # DDP needs a gradient for every trainable parameter; on_after_backward drops it
             return 0.0 * sum(parameter.sum() for parameter in self.gates.parameters())
@@ -247,6 +277,15 @@ class TailoredModule(HeldOutEvaluation):
         super().optimizer_step(*args, **kwargs)
         if self.target is not None:
             self.gates.clamp_()
+            if self.settling is not None and self.phase() == "control":  # the step's own phase (not yet counted)
+                self.watch_decision()
+
+    def watch_decision(self) -> None:
+        """Decide, then prune: record this step's exact target mask and the budget gap (tailored.train.decision)."""
+        expected = self.gates.expected_parameter_count()
+        gap = float(prunable_fraction(self.structure, self.target.prune, expected)) - self.target.fraction
+        if self.settling.update(self.gates.target_gates(), gap):
+            self.log("sparsity/settled_at", float(self.global_step))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self, self.optimizer_settings)

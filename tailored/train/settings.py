@@ -14,7 +14,7 @@ from tailored.core.gates import LOGIT_SOURCES, UNIT_TYPES
 from tailored.core.importance import CRITERIA
 from tailored.core.lora import PROJECTIONS
 from tailored.core.structure import ModelStructure, structure_from_config
-from tailored.core.targets import SparsityTarget, resolve_target
+from tailored.core.targets import ALLOCATIONS, SparsityTarget, resolve_target
 from tailored.models import check_model_name, is_pruned_export, load_config
 
 METHODS = ("one_stage", *CRITERIA)
@@ -59,6 +59,15 @@ class PruningSettings:
     """Unit types to prune: groups (KV heads with their query heads), channels, hidden, layers, attn, mlp."""
     uniform: bool = True
     """Every layer ends with the same shape, so the export is a stock Hugging Face model."""
+    allocation: str = "learned"
+    """Uniform mode with a target fraction: learned (one budget over every pruned unit; how many KV groups,
+    channels, hidden dims and layers to keep is learned for the domain, the same counts in every layer) or
+    proportional (every pruned type keeps the same share of its units: a shape fixed before training). The
+    two-stage baselines prune to the proportional shape."""
+    settle_steps: int | None = None
+    """one_stage: decide, then prune: freeze the gates (and prune, with prune_at_recovery) as soon as the exact
+    mask has stayed the same for this many control-phase steps with the budget met within 0.01; the remaining
+    steps are recovery. null: at the scheduled recovery start only."""
     logits: str = "direct"
     """Gate logits: direct (one per unit, clamped to Sheared-LLaMA's range after every step) or generator (ATP's
     pruning-decision network, trained at optimizer.generator_lr; its logits are not clamped)."""
@@ -107,6 +116,15 @@ class PruningSettings:
             raise ValueError(f"pruning.method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.method != "one_stage" and not self.uniform:
             raise ValueError(f"pruning.method {self.method} prunes to a uniform target shape; set uniform: true")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"pruning.allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}")
+        if self.settle_steps is not None and self.settle_steps < 1:
+            raise ValueError(f"pruning.settle_steps must be >= 1 (or null: no early decision), got {self.settle_steps}")
+        if self.settle_steps is not None and self.method != "one_stage":
+            raise ValueError(
+                f"pruning.settle_steps decides when learned gates freeze; the {self.method} baseline prunes at step 0: "
+                "set settle_steps null"
+            )
         if self.importance is not None and self.importance not in CRITERIA:
             raise ValueError(
                 f"pruning.importance must be one of {', '.join(CRITERIA)} or null, got {self.importance!r}"
@@ -253,8 +271,9 @@ def model_target(model: str, pruning: PruningSettings | None) -> tuple[ModelStru
     if pruning is None:
         return structure, None
     units = tuple(pruning.units)
+    allocation = "proportional" if pruning.two_stage else pruning.allocation  # a baseline prunes to a fixed shape
     return structure, resolve_target(structure, units, pruning.target, pruning.target_shape, pruning.uniform,
-                                     pruning.round_to)  # fmt: skip
+                                     pruning.round_to, allocation)  # fmt: skip
 
 
 def projection_widths(config) -> dict[str, tuple[int, int]]:
