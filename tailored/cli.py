@@ -44,6 +44,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tailored.data.datamodule import DomainData
+from tailored.data.metrics import chance_level
 from tailored.data.reports import comparison_table, format_comparison
 from tailored.data.tasks import RenamedOptionWarning, Task
 from tailored.models import EMBEDDED_SMOLLM2, check_model_name, load_config
@@ -296,7 +297,8 @@ def compare(
             cli.trainer.test(module, datamodule=data, verbose=False)
             results[name] |= module.results
     outside = [GENERAL_TASK] if general else []
-    report = comparison_table(results, kinds, dense="dense", tuned="tuned", outside_average=outside)
+    chance = {task.name: chance_level(task) for data in datamodules for task in data.tasks}
+    report = comparison_table(results, kinds, dense="dense", tuned="tuned", outside_average=outside, chance=chance)
     report |= {"models": models, "general_source": general, "results": results}
     print(format_comparison(report))
     if out:

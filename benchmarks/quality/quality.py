@@ -1,26 +1,37 @@
 """Pruning methods side by side: the same model, data, LoRA and token budget; held-out test rows; standard errors.
 
-Each cell is one ``tailored fit`` (method, kept fraction, distillation) on a suite's config, then ``tailored test``
-of its export on the suite's test rows. Cells are written to ``<out>/quality-<suite>/cells/<cell>.json`` as they
-finish and are not re-run (kill the script at any time; run it again to continue; a failed cell is reported and
-retried by the next run). ``--jobs N`` runs N cells at once (small models leave a GPU mostly idle). After every
-cell the tables ``<out>/quality-<suite>.md`` and ``.json`` are rewritten with what is done so far::
+Each cell is one ``tailored fit`` (method, total budget, token budget, seed) on a suite's config, then ``tailored
+test`` and ``tailored validate`` of its export. Cells are written to
+``<out>/seed-<n>/quality-<suite>/cells/<cell>.json`` as they finish and are not re-run (kill the script at any time;
+run it again to continue; a failed cell is reported and retried by the next run). ``--jobs N`` runs N cells at once
+(small models leave a GPU mostly idle). After every cell the seed's tables ``<out>/seed-<n>/quality-<suite>.md`` and
+``.json`` are rewritten with what is done so far::
 
-    python benchmarks/quality/quality.py --suite medical --distill one_stage  # every method at kept 0.7 and 0.5
-    python benchmarks/quality/quality.py --suite quickstart --budgets 0.7 --methods lora one_stage taylor
+    python benchmarks/quality/quality.py --suite medical --seeds 0 1 2 3 4 --steps-multiplier 1 4
+    python benchmarks/quality/quality.py --suite quickstart --total-kept 0.75 --methods lora one_stage taylor
+
+Budgets (``--total-kept``) are fractions of the dense model's *total* parameters, so methods that prune different
+unit types are compared at the same export size: each method's fraction of its own prunable parameters is
+``(total * N - fixed) / (N - fixed)``, ``fixed`` being what its units cannot remove (:func:`prunable_target`).
+Token budgets (``--steps-multiplier k``) train ``k`` times the config's ``trainer.max_steps``; each has its own
+LoRA-tuned reference.
 
 Methods: ``dense`` (no tuning), ``lora`` (the dense model LoRA-tuned: the 100% reference), ``one_stage`` (gates
-learned while tuning, the config's settings), ``taylor``, ``magnitude``, ``random`` (two-stage: prune at step 0,
-then tune). ``--distill one_stage ...`` also runs the named methods with distillation from the dense teacher.
+learned while tuning, the config's settings), and two-stage rivals (prune at step 0, then tune): ``taylor`` (the
+config's units, every type pruned by the same share: the split a user would pick), ``taylor_learned_shape`` (Taylor
+pruning to the shape the one-stage cell of the same seed and budgets learned: the same shape, another mask),
+``taylor_grid`` (three cells, one per split of :data:`GRID`), ``magnitude``, ``random``. ``--distill one_stage ...``
+also runs the named methods with distillation from the dense teacher.
 
-``pct_of_tuned`` is each task's primary metric as a percentage of the LoRA-tuned model's (perplexity inverted:
-lower is better). Cells keep their per-row test values, so its standard error is a paired bootstrap: the same
-resampled rows for both models (cells without rows fall back to combining the two errors as if independent,
-which overstates it). The tables end with paired differences: at each budget, the best one-stage cell against the
-best two-stage one, in points of the average % of tuned.
+``pct_of_tuned`` is each task's primary metric as a share of the LoRA-tuned model's (:func:`share`): perplexity
+inverted, and the skill above chance for accuracies, ``(m - chance) / (m_tuned - chance)``. A task whose tuned model
+is within two standard errors of chance is unmeasurable: shown, and left out of the average (the *skill average*).
+Cells keep their per-row test values, so every error is a paired bootstrap: the same resampled rows for both models
+(cells without rows fall back to combining the two errors as if independent, which overstates it). Each seed's
+table ends with, at each budget, one-stage minus the two-stage cell that is best on the validation rows.
 
 PubMedQA's primary metric is balanced accuracy (mean per-label accuracy): plain accuracy rewards the "yes" prior,
-which every pruned model answers on every row (its accuracy stays in the cells as ``also``).
+which a model without skill answers on every row (its accuracy stays in the cells as ``also``).
 """
 
 from __future__ import annotations
@@ -38,23 +49,123 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import yaml
+
+from tailored.data.metrics import CHANCE_METRICS, chance_level, row_statistic
+from tailored.data.reports import MEASURABLE_STDERRS, measurable
+from tailored.data.reports import share as share_of
+from tailored.data.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[2]
+
 SUITES = {
-    "medical": {"config": "configs/medical.yaml", "tasks": {"pubmedqa": "balanced_accuracy", "hqs": "rougeL"}},
+    "medical": {
+        "config": "configs/medical.yaml",
+        "tasks": {"pubmedqa": "balanced_accuracy", "hqs": "rougeL", "pubmed_abstracts": "perplexity"},
+    },
     "legal": {
         "config": "configs/legal.yaml",
         "tasks": {"casehold": "accuracy", "billsum": "rougeL", "multilegalpile": "perplexity"},
     },
     "quickstart": {"config": "configs/quickstart.yaml", "tasks": {"botchan": "perplexity"}},
 }
-PRUNED_METHODS = ("one_stage", "taylor", "magnitude", "random")
+GRID = {
+    "taylor_grid_channels": ["channels"],
+    "taylor_grid_groups_channels": ["groups", "channels"],
+    "taylor_grid_groups_channels_hidden": ["groups", "channels", "hidden"],
+}
+"""The splits of ``taylor_grid``: the unit types Taylor prunes, every type by the same share of its units."""
+TWO_STAGE = ("taylor", "taylor_learned_shape", *GRID, "magnitude", "random")
+"""Cells that prune once at step 0, then tune; the best of them on validation is one-stage's rival."""
+PRUNED_METHODS = ("one_stage", *TWO_STAGE)
+METHOD_CHOICES = ("dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid", "magnitude", "random")
 ALSO = {"balanced_accuracy": "accuracy"}  # a secondary metric kept in the cells next to the primary one
 RESAMPLES = 1000
 
 
-def cell_name(method: str, kept: float | None, distill: bool) -> str:
-    return method if kept is None else f"{method}-{kept:g}" + ("-distill" if distill else "")
+class Cell(NamedTuple):
+    """One fit of the grid (per seed): a method at a total budget and a token budget."""
+
+    method: str
+    """``dense``, ``lora`` or one of :data:`PRUNED_METHODS`."""
+    total_kept: float | None
+    """Kept fraction of the dense model's total parameters; None for dense and lora."""
+    multiplier: int = 1
+    """Token budget: this many times the config's ``trainer.max_steps``."""
+    distill: bool = False
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.method, self.total_kept, self.multiplier, self.distill)
+
+
+def cell_name(method: str, total_kept: float | None, multiplier: int = 1, distill: bool = False) -> str:
+    """``<method>[-<total kept>][-x<multiplier>][-distill]``, e.g. ``taylor-0.75-x4``."""
+    name = method if total_kept is None else f"{method}-{total_kept:g}"
+    return name + (f"-x{multiplier}" if multiplier != 1 else "") + ("-distill" if distill else "")
+
+
+def row_name(row: dict) -> str:
+    """A finished cell's name; older cells (budgets as kept fractions of prunable) keep theirs."""
+    kept = row.get("total_kept", row.get("kept_fraction")) if row["method"] not in ("dense", "lora") else None
+    return cell_name(row["method"], kept, row.get("steps_multiplier", 1), row["distill"])
+
+
+def budget(row: dict) -> tuple:
+    """What a cell is compared at: (total kept, token multiplier); older cells: ("prunable", kept fraction)."""
+    if "total_kept" in row:
+        return row["total_kept"], row.get("steps_multiplier", 1)
+    return "prunable", row["kept_fraction"]
+
+
+def budget_label(key: tuple) -> str:
+    if key[0] == "prunable":
+        return f"kept {key[1]:g} of prunable (older cells)"
+    return f"total kept {key[0]:g}, {key[1]}x tokens"
+
+
+def config_value(suite: dict, extra: list[str], key: str):
+    """A setting of the suite's config (dotted ``key``), or its last override ``--key value`` in ``extra``."""
+    for index in range(len(extra) - 1, -1, -1):
+        if extra[index] == f"--{key}" and index + 1 < len(extra):
+            return yaml.safe_load(extra[index + 1])
+        if extra[index].startswith(f"--{key}="):
+            return yaml.safe_load(extra[index].split("=", 1)[1])
+    value = yaml.safe_load((ROOT / suite["config"]).read_text())
+    for part in key.split("."):
+        value = (value or {}).get(part)
+    return value
+
+
+def chance_levels(suite_name: str) -> dict[str, float | None]:
+    """Per task of the suite: the chance level of its primary metric (from the config's task definitions), None
+    for metrics without one."""
+    suite = SUITES[suite_name]
+    tasks = {task["name"]: Task(**task) for task in config_value(suite, [], "data.tasks")}
+    return {
+        name: chance_level(tasks[name]) if name in tasks and metric in CHANCE_METRICS else None
+        for name, metric in suite["tasks"].items()
+    }
+
+
+def prunable_target(model: str, units: list[str], total_kept: float) -> float:
+    """The kept fraction of the prunable parameters of ``units`` that leaves ``total_kept`` of the model's total:
+    ``(total_kept * N - fixed) / (N - fixed)``, ``fixed`` the parameters those units cannot remove."""
+    from tailored.core.structure import structure_from_config  # imported here: the tables need no model
+    from tailored.core.targets import prunable_bounds
+    from tailored.models import load_config
+
+    fixed, full = prunable_bounds(structure_from_config(load_config(model)), tuple(units))
+    fraction = (total_kept * full - fixed) / (full - fixed)
+    if not 0 < fraction < 1:
+        raise ValueError(
+            f"total kept {total_kept:g} cannot be met by pruning {units}: they cannot remove {fixed / full:.1%} of "
+            "the model; prune more unit types or keep more"
+        )
+    return fraction
 
 
 def tailored(*args: str, log: Path) -> None:
@@ -67,20 +178,41 @@ def tailored(*args: str, log: Path) -> None:
         raise RuntimeError(f"tailored {args[0]} failed (exit {done.returncode}); see {log}")
 
 
-def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder: Path, extra: list[str]) -> dict:
-    """Fit (unless dense) and test one cell, from scratch (a killed attempt's files are removed); return its row."""
+def pruning_options(suite: dict, cell: Cell, extra: list[str], learned: dict | None) -> tuple[list[str], dict]:
+    """The ``tailored fit`` options of a pruned cell, and what the cell records of them (units, prunable fraction,
+    target shape). ``learned``: the finished one-stage cell whose shape ``taylor_learned_shape`` prunes to."""
+    if cell.method == "taylor_learned_shape":
+        if learned is None or not learned.get("shape"):
+            raise RuntimeError(f"{cell.name} needs the learned shape of its one-stage cell, which has none")
+        units, shape = learned["units"], learned["shape"]
+        options = ["--model.pruning.target", "null", "--model.pruning.target_shape", json.dumps(shape)]
+        options += ["--model.pruning.units", json.dumps(units), "--model.pruning.method", "taylor"]
+        return options, {"units": units, "target_shape": shape, "kept_fraction": None}
+    units = GRID.get(cell.method) or config_value(suite, extra, "model.pruning.units")
+    fraction = prunable_target(config_value(suite, extra, "model.model"), units, cell.total_kept)
+    method = "taylor" if cell.method in GRID else cell.method
+    options = ["--model.pruning.target", f"{fraction:.6f}", "--model.pruning.units", json.dumps(units)]
+    return options + ["--model.pruning.method", method], {"units": units, "kept_fraction": fraction}
+
+
+def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str], learned: dict | None = None) -> dict:
+    """Fit (unless dense), test and validate one cell, from scratch (a killed attempt's files are removed); return
+    its row. ``learned``: the one-stage cell of a ``taylor_learned_shape`` cell."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     log = folder / "log.txt"
-    config = ["-c", suite["config"], *extra]
-    seconds, model, report = 0.0, None, {}
-    if method != "dense":
+    config = ["-c", suite["config"], *extra, "--seed_everything", str(seed)]
+    max_steps = config_value(suite, extra, "trainer.max_steps") * cell.multiplier
+    seconds, model, report, recorded = 0.0, None, {}, {"units": None, "kept_fraction": 1.0}
+    if cell.method != "dense":
         options = ["--trainer.default_root_dir", str(folder / "fit"), "--trainer.limit_val_batches", "0"]
-        if method == "lora":
+        options += ["--trainer.max_steps", str(max_steps)]
+        if cell.method == "lora":
             options += ["--model.pruning", "null"]
         else:
-            options += ["--model.pruning.target", str(kept), "--model.pruning.method", method]
-        if distill:
+            pruning, recorded = pruning_options(suite, cell, extra, learned)
+            options += pruning
+        if cell.distill:
             options += ["--model.distill.weight", str(ARGS.distill_weight)]
         else:
             options += ["--model.distill", "null"]
@@ -102,9 +234,14 @@ def run_cell(suite: dict, method: str, kept: float | None, distill: bool, folder
     tailored("validate", *config, *validate, log=log)
     validation_file = max((folder / "validation").rglob("val_results.json"))
     return {
-        "method": method,
-        "kept_fraction": kept if kept is not None else 1.0,
-        "distill": distill,
+        "method": cell.method,
+        "total_kept": cell.total_kept if cell.total_kept is not None else 1.0,
+        "steps_multiplier": cell.multiplier,
+        "max_steps": max_steps if cell.method != "dense" else 0,
+        "seed": seed,
+        "distill": cell.distill,
+        **recorded,
+        "shape": report.get("uniform_shape"),
         "tasks": primary_metrics(suite, json.loads(results_file.read_text())),
         "validation": primary_metrics(suite, json.loads(validation_file.read_text())),
         "rows": {task: per_row[task] for task in suite["tasks"]},
@@ -123,22 +260,27 @@ def primary_metrics(suite: dict, results: dict) -> dict:
     }
 
 
-def share(row: dict, reference: dict, task: str) -> tuple[float, float]:
-    """(value as % of the reference's, its standard error); perplexity inverted; NaN where a value is 0. The error
-    is the paired bootstrap of :func:`resampled_shares` where both cells kept their rows."""
+def share(row: dict, reference: dict, task: str, chance: float | None = None) -> tuple[float, float]:
+    """(``row``'s % of the reference's on ``task``, its standard error) by :func:`tailored.data.reports.share`:
+    perplexity inverted, the skill above ``chance`` where the metric has one. The error is the paired bootstrap of
+    :func:`resampled_shares` where both cells kept their rows; NaN where the share is undefined."""
     mine, ref = row["tasks"][task], reference["tasks"][task]
     if row is reference:
         return 100.0, 0.0
     if mine["metric"] != ref["metric"]:  # cells tested before and after a change of the suite's metric
         return float("nan"), float("nan")
-    if not (mine["value"] and ref["value"]):
-        return (0.0 if ref["value"] and mine["metric"] != "perplexity" else float("nan")), float("nan")
     perplexity = mine["metric"] == "perplexity"
-    value = 100 * (ref["value"] / mine["value"] if perplexity else mine["value"] / ref["value"])
+    if perplexity and not mine["value"]:  # a broken cell is reported, not a crash
+        return float("nan"), float("nan")
+    value = float(share_of(mine["value"], ref["value"], mine["metric"], chance))
+    if math.isnan(value):
+        return value, float("nan")
     if paired(row, reference, task):
-        return value, float(resampled_shares(row, reference, task).std())
-    relative = math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
-    return value, value * relative
+        return value, float(resampled_shares(row, reference, task, chance).std())
+    if perplexity:  # errors combined as if independent (first order)
+        return value, value * math.hypot(mine["stderr"] / mine["value"], ref["stderr"] / ref["value"])
+    above = ref["value"] - (chance or 0.0)  # the reference's skill; the share is (m - chance) / above
+    return value, 100 * math.hypot(mine["stderr"], value / 100 * ref["stderr"]) / above
 
 
 def paired(row: dict, reference: dict, task: str) -> bool:
@@ -147,13 +289,11 @@ def paired(row: dict, reference: dict, task: str) -> bool:
     return bool(mine and ref) and len(mine["nll"]) == len(ref["nll"])
 
 
-def resampled_shares(row: dict, reference: dict, task: str, seed: int = 0):
+def resampled_shares(row: dict, reference: dict, task: str, chance: float | None = None, seed: int = 0):
     """``[RESAMPLES]`` values of the share (%) on bootstrap resamples of the rows, the same rows for both cells
-    (Efron & Tibshirani 1993, ch. 6): the noise of the test rows that both models see cancels out."""
-    import torch  # imported here: the tables of cells without rows need no torch
-
-    from tailored.data.metrics import row_statistic
-
+    (Efron & Tibshirani 1993, ch. 6): the noise of the test rows that both models see cancels out. The resamples
+    depend only on ``seed`` and the row count, so cells of other training seeds tested on the same rows are
+    resampled alike."""
     metric = row["tasks"][task]["metric"]
     columns = [
         {name: torch.tensor(values, dtype=torch.float64) for name, values in cell["rows"][task].items()}
@@ -162,50 +302,80 @@ def resampled_shares(row: dict, reference: dict, task: str, seed: int = 0):
     count = len(columns[0]["nll"])
     index = torch.randint(count, (RESAMPLES, count), generator=torch.Generator().manual_seed(seed))
     mine, ref = (row_statistic(metric, {k: v[index] for k, v in c.items()}) for c in columns)
-    return 100 * (ref / mine if metric == "perplexity" else mine / ref)
+    return share_of(mine, ref, metric, chance)
 
 
-def resampled_average(row: dict, reference: dict):
-    """``[RESAMPLES]`` values of the average % of tuned over the reference's tasks; task ``i`` resamples its rows
-    with seed ``i``, so the resamples of two cells pair row for row."""
-    tasks = list(reference["tasks"])
-    return sum(resampled_shares(row, reference, task, seed) for seed, task in enumerate(tasks)) / len(tasks)
+def measurable_tasks(reference: dict, chances: dict[str, float | None], split: str = "tasks") -> list[str]:
+    """The reference's tasks that measure skill: its score more than two standard errors above chance."""
+    return [
+        task
+        for task, found in reference[split].items()
+        if measurable(found["value"], found["stderr"], chances.get(task))
+    ]
 
 
-def paired_difference(row: dict, other: dict, reference: dict) -> tuple[float, float] | None:
-    """``row``'s average % of tuned minus ``other``'s, and the paired bootstrap error of the difference (every
-    task's rows resampled once for all three cells); None unless all three kept their rows."""
-    tasks = list(reference["tasks"])
+def resampled_average(row: dict, reference: dict, tasks: list[str], chances: dict[str, float | None]):
+    """``[RESAMPLES]`` values of the skill average (mean % of tuned over ``tasks``); task ``i`` of the suite
+    resamples its rows with seed ``i``, so the resamples of any two cells pair row for row."""
+    order = list(reference["tasks"])
+    resamples = [resampled_shares(row, reference, task, chances.get(task), order.index(task)) for task in tasks]
+    return sum(resamples) / len(tasks)
+
+
+def skill_average(row: dict, reference: dict, tasks: list[str], chances: dict, split: str = "tasks") -> float:
+    """The mean % of the reference over ``tasks`` on the test rows (``split="validation"``: the validation
+    figures); NaN where a task is missing or undefined."""
+    if not tasks or any(task not in row.get(split, {}) for task in tasks):
+        return float("nan")
+    views = [{"tasks": row[split]}, {"tasks": reference[split]}]
+    return sum(share(views[0], views[1], task, chances.get(task))[0] for task in tasks) / len(tasks)
+
+
+def paired_difference(row: dict, other: dict, reference: dict, tasks: list[str], chances: dict):
+    """``row``'s skill average minus ``other``'s and the paired bootstrap error of the difference (every task's
+    rows resampled once for all three cells); None unless all three kept their rows."""
     if not all(paired(cell, reference, task) for cell in (row, other) for task in tasks):
         return None
-    difference = resampled_average(row, reference) - resampled_average(other, reference)
-    return row["pct_of_tuned_avg"] - other["pct_of_tuned_avg"], float(difference.std())
+    difference = resampled_average(row, reference, tasks, chances) - resampled_average(other, reference, tasks, chances)
+    value = skill_average(row, reference, tasks, chances) - skill_average(other, reference, tasks, chances)
+    return value, float(difference.std())
+
+
+def reference_of(row: dict, rows: list[dict]) -> dict | None:
+    """The LoRA-tuned cell with the same token budget (older cells have one budget)."""
+    multiplier = row.get("steps_multiplier", 1)
+    return next((r for r in rows if r["method"] == "lora" and r.get("steps_multiplier", 1) == multiplier), None)
 
 
 def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, str]:
-    """The JSON document and the Markdown table of the finished rows."""
-    reference = next((row for row in rows if row["method"] == "lora"), None)
+    """The JSON document and the Markdown table of one seed's finished rows."""
+    chances = chance_levels(suite_name)
     for row in rows:
+        reference = reference_of(row, rows)
         if reference is None:
-            break
-        shares = {task: share(row, reference, task) for task in row["tasks"]}
+            continue
+        shares = {task: share(row, reference, task, chances.get(task)) for task in row["tasks"]}
+        tasks = measurable_tasks(reference, chances)
         row["pct_of_tuned"] = {task: value for task, (value, _) in shares.items()}
         row["pct_of_tuned_stderr"] = {task: error for task, (_, error) in shares.items()}
-        values = [value for value, _ in shares.values()]
-        row["pct_of_tuned_avg"] = sum(values) / len(values)
-        row["pct_of_tuned_avg_stderr"] = math.sqrt(sum(e**2 for _, e in shares.values())) / len(values)
-        if all(paired(row, reference, task) for task in row["tasks"]) and row is not reference:
-            row["pct_of_tuned_avg_stderr"] = float(resampled_average(row, reference).std())
+        row["unmeasurable"] = [task for task in row["tasks"] if task not in tasks]
+        values = [shares[task][0] for task in tasks]
+        row["pct_of_tuned_avg"] = sum(values) / len(values) if values else float("nan")
+        row["pct_of_tuned_avg_stderr"] = math.sqrt(sum(shares[t][1] ** 2 for t in tasks)) / max(len(tasks), 1)
+        if tasks and all(paired(row, reference, task) for task in tasks) and row is not reference:
+            row["pct_of_tuned_avg_stderr"] = float(resampled_average(row, reference, tasks, chances).std())
     tasks = list(SUITES[suite_name]["tasks"].items())
     if rows:  # the metric the cells were tested with (older cells of a suite may predate a change of metric)
-        tasks = [(task, rows[0]["tasks"][task]["metric"]) for task, _ in tasks]
+        tasks = [(task, rows[0]["tasks"][task]["metric"]) for task, _ in tasks if task in rows[0]["tasks"]]
     validated = any("validation" in row for row in rows)  # cells made before validation was measured have none
-    columns = ["method", "kept", "distill", *(f"{task} {metric}" for task, metric in tasks)]
+    columns = ["method", "total kept", "tokens", "distill", *(f"{task} {metric}" for task, metric in tasks)]
     columns += [f"validation {task} {metric}" for task, metric in tasks] if validated else []
-    columns += ["% of tuned (avg)", "parameters", "fit s"]
+    columns += ["skill: % of tuned (avg)", "parameters", "fit s"]
     lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in sorted(rows, key=lambda r: (-r["kept_fraction"], r["method"], r["distill"])):
-        cells = [row["method"], f"{row['kept_fraction']:g}", "yes" if row["distill"] else ""]
+    for row in sorted(rows, key=table_order):
+        kept = f"{row['total_kept']:g}" if "total_kept" in row else f"{row['kept_fraction']:g} of prunable"
+        kept = "1" if row["method"] in ("dense", "lora") else kept
+        cells = [row["method"], kept, f"{row.get('steps_multiplier', 1)}x", "yes" if row["distill"] else ""]
         cells += [f"{row['tasks'][t]['value']:.4g} ± {row['tasks'][t]['stderr']:.2g}" for t, _ in tasks]
         if validated:
             found = row.get("validation", {})
@@ -214,47 +384,97 @@ def tables(rows: list[dict], suite_name: str, header: list[str]) -> tuple[dict, 
         cells.append("" if average is None else f"{average:.1f} ± {row['pct_of_tuned_avg_stderr']:.1f}")
         cells += [f"{row['parameters']:,}" if row["parameters"] else "", f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += comparisons(rows, reference)
+    lines += unmeasurable_lines(rows, chances) + comparisons(rows, chances)
     return {"header": header, "rows": rows}, "\n".join(lines) + "\n"
 
 
-def comparisons(rows: list[dict], reference: dict | None) -> list[str]:
-    """Markdown lines: at each budget, the best one-stage cell minus the best undistilled two-stage cell (average %
-    of tuned), with the paired bootstrap error of that difference."""
+def table_order(row: dict) -> tuple:
+    """Dense and LoRA first, then the larger budgets, the shorter token budgets, by name."""
+    size = row.get("total_kept", row.get("kept_fraction", 1.0))
+    return row["method"] not in ("dense", "lora"), -size, row.get("steps_multiplier", 1), row_name(row)
+
+
+def unmeasurable_lines(rows: list[dict], chances: dict[str, float | None]) -> list[str]:
+    """Markdown lines naming, per LoRA-tuned reference, the tasks it cannot measure (within two standard errors of
+    chance): their shares are in the cells and left out of the skill average."""
     lines = []
-    for kept in sorted({row["kept_fraction"] for row in rows if row["method"] in PRUNED_METHODS}, reverse=True):
-        at_budget = [row for row in rows if row["kept_fraction"] == kept and "pct_of_tuned_avg" in row]
+    for reference in (row for row in rows if row["method"] == "lora"):
+        for task in (t for t in reference["tasks"] if t not in measurable_tasks(reference, chances)):
+            found = reference["tasks"][task]
+            lines.append(
+                f"- unmeasurable with the {row_name(reference)} reference: {task} ({found['metric']} "
+                f"{found['value']:.3g} ± {found['stderr']:.2g}, chance {chances[task]:.3g}): shown, left out of the "
+                "skill average"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        f"Unmeasurable tasks (the tuned model within {MEASURABLE_STDERRS:g} standard errors of chance):",
+        *lines,
+    ]
+
+
+def best_on_validation(cells: list[dict], reference: dict, tasks: list[str], chances: dict) -> tuple[dict, str]:
+    """The cell with the highest skill average on the validation rows, and on which split it was chosen (the test
+    rows when a cell has no validation figures: older cells)."""
+    split = "validation" if all("validation" in cell for cell in cells) and "validation" in reference else "tasks"
+    best = max(cells, key=lambda cell: nan_low(skill_average(cell, reference, tasks, chances, split)))
+    return best, "validation" if split == "validation" else "test"
+
+
+def nan_low(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
+
+
+def comparisons(rows: list[dict], chances: dict[str, float | None]) -> list[str]:
+    """Markdown lines: at each budget, the one-stage cell minus the undistilled two-stage cell best on validation
+    (skill averages), with the paired bootstrap error of that difference."""
+    lines = []
+    for key in sorted({budget(row) for row in rows if row["method"] in PRUNED_METHODS}, key=str, reverse=True):
+        at_budget = [row for row in rows if row["method"] in PRUNED_METHODS and budget(row) == key]
+        reference = reference_of(at_budget[0], rows)
         ours = [row for row in at_budget if row["method"] == "one_stage"]
-        theirs = [row for row in at_budget if row["method"] in PRUNED_METHODS[1:] and not row["distill"]]
-        if not (ours and theirs):
+        theirs = [row for row in at_budget if row["method"] in TWO_STAGE and not row["distill"]]
+        if reference is None or not (ours and theirs):
             continue
-        best, rival = (max(cells, key=lambda row: row["pct_of_tuned_avg"]) for cells in (ours, theirs))
-        names = " - ".join(cell_name(cell["method"], kept, cell["distill"]) for cell in (best, rival))
-        difference = paired_difference(best, rival, reference)
+        tasks = measurable_tasks(reference, chances)
+        (best, _), (rival, chosen_on) = (
+            best_on_validation(cells, reference, tasks, chances) for cells in (ours, theirs)
+        )
+        names = f"{row_name(best)} - {row_name(rival)}, rival chosen on {chosen_on}"
+        difference = paired_difference(best, rival, reference, tasks, chances)
         if difference is None:  # cells without per-row values: the errors combined as if independent
             value = best["pct_of_tuned_avg"] - rival["pct_of_tuned_avg"]
             error = math.hypot(best["pct_of_tuned_avg_stderr"], rival["pct_of_tuned_avg_stderr"])
             names += ", unpaired"
         else:
             value, error = difference
-        lines.append(f"- kept {kept:g}, best one-stage minus best two-stage ({names}): {value:+.1f} ± {error:.1f}")
+        lines.append(f"- {budget_label(key)}, one-stage minus best two-stage ({names}): {value:+.1f} ± {error:.1f}")
     if not lines:
         return []
-    return ["", "Paired differences (average % of tuned; paired bootstrap over the test rows):", *lines]
+    return ["", "Paired differences (skill average, points; paired bootstrap over the test rows):", *lines]
+
+
+def plan(args: argparse.Namespace) -> list[Cell]:
+    """Every cell of one seed, the ``taylor_learned_shape`` cells last (they wait for their one-stage cell)."""
+    methods = [m for method in args.methods for m in (GRID if method == "taylor_grid" else [method])]
+    cells = [Cell("dense", None)] if "dense" in methods else []
+    cells += [Cell("lora", None, k) for k in args.steps_multiplier if "lora" in methods]
+    for total in args.total_kept:
+        for k in args.steps_multiplier:
+            for method in (m for m in methods if m in PRUNED_METHODS and m != "taylor_learned_shape"):
+                if not (args.distilled_only and method in args.distill):
+                    cells.append(Cell(method, total, k))
+                if method in args.distill:
+                    cells.append(Cell(method, total, k, True))
+    if "taylor_learned_shape" in methods:
+        cells += [Cell("taylor_learned_shape", t, k) for t in args.total_kept for k in args.steps_multiplier]
+    return cells
 
 
 def main() -> None:
-    out = ARGS.out / f"quality-{ARGS.suite}"
-    cells_dir = out / "cells"
     suite = SUITES[ARGS.suite]
-    plan = [(method, None, False) for method in ARGS.methods if method in ("dense", "lora")]
-    for kept in ARGS.budgets:
-        for method in ARGS.methods:
-            if method in PRUNED_METHODS:
-                if not (ARGS.distilled_only and method in ARGS.distill):
-                    plan.append((method, kept, False))
-                if method in ARGS.distill:
-                    plan.append((method, kept, True))
     header = [
         f"# Quality: {ARGS.suite} suite",
         "",
@@ -265,57 +485,92 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
         f"Python {platform.python_version()}, accelerator: {accelerator()}  ",
         "Values: test-row metric ± bootstrap standard error (validation columns: the validation rows, on which "
-        "settings are chosen); % of tuned: share of the LoRA-tuned dense model's on the test rows.",
+        "settings are chosen); skill: share of the LoRA-tuned dense model's on the test rows, above chance for "
+        "accuracies, averaged over the measurable tasks.",
     ]
-    existing = ARGS.out / f"quality-{ARGS.suite}.json"
-    if ARGS.report_only and existing.is_file():  # keep the header of the run that made the cells
-        header = json.loads(existing.read_text())["header"]
-    todo = [cell for cell in plan if not (cells_dir / f"{cell_name(*cell)}.json").is_file()]
-    if not ARGS.report_only:
-        lock = threading.Lock()  # one table writer at a time
+    cells = plan(ARGS)
+    todo = [
+        (seed, cell)
+        for seed in ARGS.seeds
+        for cell in cells
+        if not (cells_dir(seed) / f"{cell.name}.json").is_file() and not ARGS.report_only
+    ]
+    lock = threading.Lock()  # one table writer at a time
+    finished = {(seed, cell.name): threading.Event() for seed, cell in todo}
 
-        def finish(cell: tuple) -> None:
-            name = cell_name(*cell)
-            print(f"running {name}", flush=True)
-            try:
-                row = run_cell(suite, *cell, ARGS.runs / ARGS.suite / name, ARGS.extra)
-            except RuntimeError as error:  # the other cells go on; running the script again retries this one
-                print(f"failed {name}: {error}", flush=True)
-                return
+    def finish(seed: int, cell: Cell) -> None:
+        name = f"seed-{seed}/{cell.name}"
+        print(f"running {name}", flush=True)
+        try:
+            learned = None
+            if cell.method == "taylor_learned_shape":  # its one-stage cell was queued earlier: it has started
+                one_stage = Cell("one_stage", cell.total_kept, cell.multiplier)
+                finished.get((seed, one_stage.name), DONE).wait()
+                path = cells_dir(seed) / f"{one_stage.name}.json"
+                if not path.is_file():
+                    raise RuntimeError(f"its one-stage cell {one_stage.name} did not finish")
+                learned = json.loads(path.read_text())
+            row = run_cell(suite, cell, seed, ARGS.runs / ARGS.suite / f"seed-{seed}" / cell.name, ARGS.extra, learned)
             with lock:
-                cells_dir.mkdir(parents=True, exist_ok=True)
-                (cells_dir / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
-                write_tables(cells_dir, header)
+                cells_dir(seed).mkdir(parents=True, exist_ok=True)
+                (cells_dir(seed) / f"{cell.name}.json").write_text(json.dumps(row, indent=2) + "\n")
+                write_tables(seed, header)
             print(f"done {name}", flush=True)
+        except (RuntimeError, ValueError) as error:  # the other cells go on; running the script again retries it
+            print(f"failed {name}: {error}", flush=True)
+        finally:
+            finished[seed, cell.name].set()  # after the cell's file is written: a waiting cell reads it
 
-        with ThreadPoolExecutor(ARGS.jobs) as pool:  # cells are subprocesses: threads only wait on them
-            list(pool.map(finish, todo))
-    print(write_tables(cells_dir, header))
+    order = sorted(todo, key=lambda item: item[1].method == "taylor_learned_shape")  # waiting cells last: no deadlock
+    with ThreadPoolExecutor(ARGS.jobs) as pool:  # cells are subprocesses: threads only wait on them
+        list(pool.map(lambda item: finish(*item), order))
+    for seed in ARGS.seeds:
+        if cells_dir(seed).is_dir():
+            print(write_tables(seed, header))
+
+
+DONE = threading.Event()
+DONE.set()  # the event of a cell finished by an earlier run
+
+
+def cells_dir(seed: int) -> Path:
+    return ARGS.out / f"seed-{seed}" / f"quality-{ARGS.suite}" / "cells"
 
 
 def accelerator() -> str:
     """The GPU the cells' ``tailored`` calls will use, or ``cpu``."""
-    import torch  # imported here: only the header needs it
-
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def write_tables(cells_dir: Path, header: list[str]) -> str:
-    """Rewrite ``quality-<suite>.json`` and ``.md`` from the finished cells; return the Markdown."""
-    rows = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+def write_tables(seed: int, header: list[str]) -> str:
+    """Rewrite the seed's ``quality-<suite>.json`` and ``.md`` from its finished cells; return the Markdown. With
+    ``--report-only`` the header of the run that made the cells is kept."""
+    folder = cells_dir(seed).parent.parent
+    existing = folder / f"quality-{ARGS.suite}.json"
+    if ARGS.report_only and existing.is_file():
+        header = json.loads(existing.read_text())["header"]
+    rows = [json.loads(p.read_text()) for p in sorted(cells_dir(seed).glob("*.json"))]
     document, markdown = tables(rows, ARGS.suite, header)
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    (ARGS.out / f"quality-{ARGS.suite}.json").write_text(json.dumps(document, indent=2) + "\n")
-    (ARGS.out / f"quality-{ARGS.suite}.md").write_text(markdown)
+    existing.write_text(json.dumps(document, indent=2) + "\n")
+    (folder / f"quality-{ARGS.suite}.md").write_text(markdown)
     return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="medical")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="kept fractions of prunable")
     parser.add_argument(
-        "--methods", nargs="+", default=["dense", "lora", *PRUNED_METHODS], choices=["dense", "lora", *PRUNED_METHODS]
+        "--total-kept", type=float, nargs="+", default=[0.75, 0.5], help="kept fractions of the total parameters"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed_everything of each run of the cells")
+    parser.add_argument(
+        "--steps-multiplier", type=int, nargs="+", default=[1], help="token budgets: max_steps times each of these"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid"],
+        choices=METHOD_CHOICES,
     )
     parser.add_argument(
         "--distill", nargs="*", default=[], choices=PRUNED_METHODS, help="also run these methods with distillation"

@@ -24,12 +24,15 @@ from torchmetrics.functional.text.rouge import rouge_score
 from tailored.data.tasks import IGNORE_INDEX, Task
 
 PRIMARY_METRIC = {
-    "classification": "accuracy",
+    "classification": "balanced_accuracy",
     "multiple_choice": "accuracy",
     "generation": "rougeL",
     "language_modeling": "perplexity",
 }
-"""The metric of a task kind that the comparison table (tailored compare) compares (perplexity: lower is better)."""
+"""The metric of a task kind that the comparison table (tailored compare) compares (perplexity: lower is better).
+Classification compares balanced accuracy: plain accuracy rewards always giving the most frequent label."""
+CHANCE_METRICS = ("accuracy", "accuracy_norm", "balanced_accuracy")
+"""Metrics that a guessing model scores :func:`chance_level` on."""
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
@@ -127,6 +130,13 @@ def balanced_accuracy(correct: torch.Tensor, label: torch.Tensor) -> torch.Tenso
     rows = one_hot.sum(-2)  # [..., C]
     recall = (one_hot * correct.unsqueeze(-1)).sum(-2) / rows.clamp(min=1)
     return (recall * (rows > 0)).sum(-1) / (rows > 0).sum(-1)
+
+
+def chance_level(task: Task) -> float | None:
+    """What a model without skill scores on a classification or multiple-choice task's :data:`CHANCE_METRICS`:
+    1 / options, the expected accuracy of a uniform guess and the balanced accuracy of always giving one label
+    (every label present in the rows); None for the other kinds (ROUGE and perplexity have no chance level)."""
+    return 1 / len(task.choices) if task.kind in ("classification", "multiple_choice") else None
 
 
 def row_statistic(metric: str, columns: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -159,7 +159,7 @@ def instruction_rows(count: int, seed: int) -> dict[str, list[dict]]:
         for _ in range(count)
     ]
     hqs = [{"CHQ": words(8), "Summary": words(3)} for _ in range(count)]
-    return {"pubmedqa": pubmedqa, "hqs": hqs}
+    return {"pubmedqa": pubmedqa, "hqs": hqs, "pubmed_abstracts": pubmedqa}  # the abstracts: PubMedQA's files
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

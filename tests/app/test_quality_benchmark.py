@@ -1,4 +1,5 @@
-"""The quality benchmark's tables: shares of the LoRA-tuned model, perplexity inverted, errors combined."""
+"""The quality benchmark's tables: shares of the LoRA-tuned model (perplexity inverted, accuracies above chance),
+errors paired or combined, budgets as fractions of the total parameters, seeds pooled by the summary."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ spec.loader.exec_module(quality)
 
 def row(method: str, kept: float, value: float, stderr: float, metric: str = "perplexity") -> dict:
     task = {"metric": metric, "value": value, "stderr": stderr}
-    return {"method": method, "kept_fraction": kept, "distill": False, "tasks": {"botchan": task},
-            "parameters": 10, "seconds": 1.0}  # fmt: skip
+    return {"method": method, "total_kept": kept, "steps_multiplier": 1, "distill": False,
+            "tasks": {"botchan": task}, "parameters": 10, "seconds": 1.0}  # fmt: skip
 
 
 def test_shares_invert_perplexity_and_combine_the_errors():
@@ -31,7 +32,7 @@ def test_shares_invert_perplexity_and_combine_the_errors():
     assert taylor["pct_of_tuned"]["botchan"] == pytest.approx(50.0)  # twice the perplexity: half the quality
     assert taylor["pct_of_tuned_stderr"]["botchan"] == pytest.approx(50.0 * math.hypot(5 / 100, 2 / 50))
     assert math.isnan(broken["pct_of_tuned_stderr"]["botchan"])  # a zero metric is reported, not a crash
-    assert "| taylor | 0.7 |  | 100 ± 5 | 50.0 ± 3.2 |" in markdown
+    assert "| taylor | 0.7 | 1x |  | 100 ± 5 | 50.0 ± 3.2 |" in markdown
     other_metric = row("random", 0.7, 0.3, 0.01, metric="accuracy")  # a cell tested before a change of metric
     assert all(math.isnan(v) for v in quality.share(other_metric, lora, "botchan"))
 
@@ -45,8 +46,8 @@ def scored(method: str, kept: float, quality: float) -> dict:
     rouge = (quality * HARDNESS + 0.02 * torch.rand(200, generator=GENERATOR)).tolist()
     columns = {"nll": [1.0] * 200, "tokens": [1.0] * 200, "rougeL": rouge}
     task = {"metric": "rougeL", "value": sum(rouge) / 200, "stderr": float(torch.tensor(rouge).std() / 200**0.5)}
-    return {"method": method, "kept_fraction": kept, "distill": False, "tasks": {"botchan": task},
-            "rows": {"botchan": columns}, "parameters": 10, "seconds": 1.0}  # fmt: skip
+    return {"method": method, "total_kept": kept, "steps_multiplier": 1, "distill": False,
+            "tasks": {"botchan": task}, "rows": {"botchan": columns}, "parameters": 10, "seconds": 1.0}  # fmt: skip
 
 
 def test_cells_with_per_row_values_get_paired_errors_and_a_paired_difference():
@@ -60,36 +61,11 @@ def test_cells_with_per_row_values_get_paired_errors_and_a_paired_difference():
     )
     assert one_stage["pct_of_tuned_avg_stderr"] < unpaired / 3
     assert one_stage["pct_of_tuned_avg"] == pytest.approx(80.0, abs=1.5)
-    line = next(line for line in markdown.splitlines() if line.startswith("- kept 0.7"))
+    line = next(line for line in markdown.splitlines() if line.startswith("- total kept 0.7, 1x tokens"))
     difference, error = (float(part.split()[0]) for part in line.split(": ")[1].split(" ± "))
     taylor = document["rows"][2]
     assert difference == pytest.approx(one_stage["pct_of_tuned_avg"] - taylor["pct_of_tuned_avg"], abs=0.05)
-    assert 0 < error < 1 and "(one_stage-0.7 - taylor-0.7)" in line
-
-
-def test_the_summary_pools_runs_and_compares_a_lever_group_with_the_main_groups_baseline(tmp_path):
-    """A group without its own LoRA and two-stage cells (a lever) is compared with main's, row for row; the mean
-    over runs is the mean of the runs' differences."""
-    path = ROOT / "benchmarks" / "quality" / "quality_summary.py"
-    spec = importlib.util.spec_from_file_location("quality_summary", path)
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
-    differences = []
-    for run, (ours, theirs) in enumerate([(0.8, 0.7), (0.75, 0.7)]):
-        groups = {
-            "main": [scored("lora", 1.0, 1.0), scored("taylor", 0.7, theirs)],
-            "lever": [scored("one_stage", 0.7, ours)],
-        }
-        for group, cells in groups.items():
-            folder = tmp_path / f"seed-{run}" / group / "quality-quickstart" / "cells"
-            folder.mkdir(parents=True)
-            for cell in cells:
-                (folder / f"{summary.name(cell)}.json").write_text(json.dumps(cell))
-        differences.append(100 * (ours - theirs))
-    text = summary.summary([tmp_path / "seed-0", tmp_path / "seed-1"])
-    line = next(line for line in text.splitlines() if "| lever | one_stage-0.7 |" in line)
-    mean = float(line.split("|")[-2].split(" ± ")[0])
-    assert mean == pytest.approx(sum(differences) / 2, abs=0.5) and "(taylor-0.7)" in line
+    assert 0 < error < 1 and "(one_stage-0.7 - taylor-0.7, rival chosen on test)" in line  # no validation here
 
 
 def test_cells_run_at_once_and_a_failed_cell_leaves_the_others_recorded(tmp_path, monkeypatch):
@@ -97,24 +73,24 @@ def test_cells_run_at_once_and_a_failed_cell_leaves_the_others_recorded(tmp_path
     running, most = set(), []
     release = threading.Barrier(2, timeout=10)  # two cells must be in flight together, or this times out
 
-    def fake_cell(suite, method, kept, distill, folder, extra):
-        running.add(method)
+    def fake_cell(suite, cell, seed, folder, extra, learned=None):
+        running.add(cell.method)
         most.append(len(running))
-        if method in ("dense", "lora"):
+        if cell.method in ("dense", "lora"):
             release.wait()
-        running.discard(method)
-        if method == "taylor":
+        running.discard(cell.method)
+        if cell.method == "taylor":
             raise RuntimeError("tailored fit failed (exit 1)")
-        return row(method, kept or 1.0, 50.0, 2.0)
+        return row(cell.method, cell.total_kept or 1.0, 50.0, 2.0)
 
     monkeypatch.setattr(quality, "run_cell", fake_cell)
-    argv = ["--suite", "quickstart", "--budgets", "0.7", "--methods", "dense", "lora", "taylor", "random"]
+    argv = ["--suite", "quickstart", "--total-kept", "0.7", "--methods", "dense", "lora", "taylor", "random"]
     args = quality.parse_args([*argv, "--jobs", "2", "--out", str(tmp_path)])
     monkeypatch.setattr(quality, "ARGS", args, raising=False)  # the script sets it in __main__
     quality.main()
-    cells = sorted(p.stem for p in (tmp_path / "quality-quickstart" / "cells").glob("*.json"))
+    cells = sorted(p.stem for p in (tmp_path / "seed-0" / "quality-quickstart" / "cells").glob("*.json"))
     assert cells == ["dense", "lora", "random-0.7"] and max(most) == 2
-    assert "| random | 0.7 |" in (tmp_path / "quality-quickstart.md").read_text()
+    assert "| random | 0.7 | 1x |" in (tmp_path / "seed-0" / "quality-quickstart.md").read_text()
 
 
 def test_the_gpu_grid_script_calls_quality_py_with_arguments_it_accepts(tmp_path):
@@ -123,17 +99,158 @@ def test_the_gpu_grid_script_calls_quality_py_with_arguments_it_accepts(tmp_path
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "calls"
-    (fake / "python3").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> {calls}\nprintf "\\n" >> {calls}\n')
+    calls.mkdir()  # one file per call: the groups start at once, and appends to one file could interleave
+    (fake / "python3").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {calls}/$$\n')
     (fake / "python3").chmod(0o755)
     env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)}
     grid = "benchmarks/quality/quality_grid.sh"
     command = ["bash", grid, str(tmp_path / "grid"), "2", "--", "--trainer.max_steps", "3"]
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
-    groups = [line.strip("\0").split("\0") for line in calls.read_text().splitlines() if line]
+    groups = [path.read_text().strip("\0").split("\0") for path in sorted(calls.iterdir())]
     assert len(groups) >= 5
     parsed = [quality.parse_args(argv[1:]) for argv in groups]  # argv[0] is the script
     assert len({args.out for args in parsed}) == len({args.runs for args in parsed}) == len(groups)
     assert all(args.extra[-2:] == ["--trainer.max_steps", "3"] for args in parsed)
     assert {args.suite for args in parsed} == {"medical", "legal", "quickstart"}
     main = next(args for args in parsed if args.out.name == "main")
-    assert main.distill == ["one_stage"] and set(main.methods) == {"dense", "lora", *quality.PRUNED_METHODS}
+    assert set(main.methods) == {"dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid"}
+    assert main.seeds == [0, 1, 2, 3, 4] and main.steps_multiplier == [1, 4] and main.total_kept == [0.75, 0.5]
+
+
+def test_budgets_are_fractions_of_the_total_parameters_whatever_units_a_method_prunes(tiny_model_dir):
+    """Each method's prunable fraction leaves the same total: (total * N - fixed) / (N - fixed) for its units."""
+    from tailored.core.structure import structure_from_config
+    from tailored.core.targets import prunable_bounds
+    from tailored.models import load_config
+
+    structure = structure_from_config(load_config(str(tiny_model_dir)))
+    fractions = {}
+    for units in (["channels"], ["groups", "channels"], ["groups", "channels", "hidden"]):
+        fixed, full = prunable_bounds(structure, tuple(units))
+        fractions[tuple(units)] = quality.prunable_target(str(tiny_model_dir), units, 0.75)
+        assert fixed + fractions[tuple(units)] * (full - fixed) == pytest.approx(0.75 * full)
+    assert len(set(fractions.values())) == 3  # fewer prunable units: a larger share of them goes
+    with pytest.raises(ValueError, match="cannot be met"):
+        quality.prunable_target(str(tiny_model_dir), ["groups"], 0.2)  # attention alone cannot remove 80%
+
+
+def test_the_plan_runs_every_seed_and_token_budget_and_the_learned_shape_cells_last(monkeypatch):
+    args = quality.parse_args(["--seeds", "0", "1", "--steps-multiplier", "1", "4", "--total-kept", "0.75"])
+    cells = quality.plan(args)
+    names = [cell.name for cell in cells]
+    assert names[:3] == ["dense", "lora", "lora-x4"]
+    assert {"taylor_grid_channels-0.75", "taylor_grid_groups_channels_hidden-0.75-x4", "one_stage-0.75-x4"} <= set(
+        names
+    )
+    assert names[-2:] == ["taylor_learned_shape-0.75", "taylor_learned_shape-0.75-x4"]
+    one_stage = {"units": ["groups", "channels"], "shape": {"groups": 2, "channels": 40, "hidden": 32, "layers": 3}}
+    suite = quality.SUITES["quickstart"]
+    options, recorded = quality.pruning_options(suite, quality.Cell("taylor_learned_shape", 0.75), [], one_stage)
+    assert options[:4] == [
+        "--model.pruning.target",
+        "null",
+        "--model.pruning.target_shape",
+        json.dumps(one_stage["shape"]),
+    ]
+    assert options[-2:] == ["--model.pruning.method", "taylor"] and recorded["units"] == ["groups", "channels"]
+    with pytest.raises(RuntimeError, match="learned shape"):
+        quality.pruning_options(suite, quality.Cell("taylor_learned_shape", 0.75), [], {"units": [], "shape": None})
+    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total: 0.5)
+    options, recorded = quality.pruning_options(suite, quality.Cell("taylor_grid_channels", 0.75), [], None)
+    assert options == ["--model.pruning.target", "0.500000", "--model.pruning.units", '["channels"]',
+                       "--model.pruning.method", "taylor"]  # fmt: skip
+    assert quality.config_value(suite, ["--trainer.max_steps", "7"], "trainer.max_steps") == 7
+
+
+LABELS = torch.tensor([0] * 60 + [1] * 40 + [2] * 20)  # 120 PubMedQA-like rows, unbalanced
+
+
+def medical_cell(method: str, total: float | None, seed: int, skill: float, validation: float | None = None) -> dict:
+    """A new-format medical cell: PubMedQA right on a ``skill`` share of the rows beyond chance (0: always "yes"),
+    HQS ROUGE-L and abstract perplexity scaled by ``skill``; validation figures those of skill ``validation``."""
+    generator = torch.Generator().manual_seed(1000 * seed + int(100 * skill))
+    right = torch.rand(120, generator=generator) < skill
+    correct = torch.where(right, torch.ones(120), torch.eq(LABELS, 0).float())
+    rouge = (0.3 * skill * HARDNESS[:120] + 0.01 * torch.rand(120, generator=generator)).tolist()
+    tokens = [50.0] * 120
+    nll = (50 * (math.log(40.0) - skill * math.log(2.0)) * (0.5 + HARDNESS[:120])).tolist()
+    rows = {
+        "pubmedqa": {"nll": tokens, "tokens": tokens, "correct": correct.tolist(), "label": LABELS.tolist()},
+        "hqs": {"nll": tokens, "tokens": tokens, "rougeL": rouge},
+        "pubmed_abstracts": {"nll": nll, "tokens": tokens},
+    }
+    tasks = {}
+    for task, metric in quality.SUITES["medical"]["tasks"].items():
+        columns = {name: torch.tensor(values, dtype=torch.float64) for name, values in rows[task].items()}
+        value = float(quality.row_statistic(metric, columns))
+        tasks[task] = {"metric": metric, "value": value, "stderr": 0.02 * value}
+    checked = tasks if validation is None else medical_cell(method, total, seed + 100, validation)["tasks"]
+    return {"method": method, "total_kept": total or 1.0, "steps_multiplier": 1, "seed": seed, "distill": False,
+            "tasks": tasks, "validation": checked, "rows": rows, "parameters": 10, "seconds": 1.0}  # fmt: skip
+
+
+def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_headline(tmp_path):
+    """Five seeds: one-stage's skill average and its seed-paired difference from the two-stage method that is best
+    on validation (the grid split, though plain Taylor scores more on test); an older folder is reported, not used."""
+    spec = importlib.util.spec_from_file_location(
+        "quality_summary", ROOT / "benchmarks" / "quality" / "quality_summary.py"
+    )
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    differences = []
+    for seed in range(5):
+        ours = 0.6 + 0.02 * seed
+        cells = [
+            medical_cell("lora", None, seed, 1.0),
+            medical_cell("one_stage", 0.75, seed, ours),
+            medical_cell("taylor", 0.75, seed, 0.55, validation=0.1),
+            medical_cell("taylor_grid_channels", 0.75, seed, 0.5, validation=0.9),
+        ]
+        folder = tmp_path / "grid" / "main" / f"seed-{seed}" / "quality-medical" / "cells"
+        folder.mkdir(parents=True)
+        for cell in cells:
+            (folder / f"{quality.row_name(cell)}.json").write_text(json.dumps(cell))
+        reference, tasks = cells[0], list(quality.SUITES["medical"]["tasks"])
+        chances = quality.chance_levels("medical")
+        differences.append(
+            quality.skill_average(cells[1], reference, tasks, chances)
+            - quality.skill_average(cells[3], reference, tasks, chances)
+        )
+    old = tmp_path / "old" / "seed-0" / "main" / "quality-medical" / "cells"
+    old.mkdir(parents=True)
+    legacy = medical_cell("one_stage", None, 0, 0.6) | {"kept_fraction": 0.7}
+    del legacy["total_kept"], legacy["validation"]
+    (old / "one_stage-0.7.json").write_text(json.dumps(legacy))
+    target = tmp_path / "quality-summary.json"
+    summary.main(
+        [str(tmp_path / "grid"), str(tmp_path / "old"), "--json", str(target), "--out", str(tmp_path / "s.md")]
+    )
+    headline = json.loads(target.read_text())
+    assert set(headline) == {"command", "suite", "budgets"} and headline["suite"] == "medical"
+    (found,) = headline["budgets"]
+    assert set(found) == {"total_kept", "steps_multiplier", "seeds", "one_stage", "best_two_stage",
+                          "best_two_stage_method", "difference", "difference_ci95",
+                          "pct_of_tuned_one_stage"}  # fmt: skip
+    assert found["total_kept"] == 0.75 and found["seeds"] == [0, 1, 2, 3, 4]
+    assert found["best_two_stage_method"] == "taylor_grid_channels"  # best on validation, not on test
+    assert found["difference"] == pytest.approx(sum(differences) / 5)
+    low, high = found["difference_ci95"]
+    assert low < found["difference"] < high and high - low < 40
+    assert found["pct_of_tuned_one_stage"]["pubmedqa"]["measurable"]
+    text = (tmp_path / "s.md").read_text()
+    assert "without a total budget" in text and "without validation figures" in text  # the older cell, reported
+
+
+def test_a_model_that_always_answers_one_label_has_zero_share_and_the_tuned_model_100():
+    """On per-row cells (the paired bootstrap): the always-"yes" PubMedQA model keeps 0% of the tuned model's skill
+    above chance on every resample, the tuned model 100%."""
+    tuned, constant = medical_cell("lora", None, 0, 1.0), medical_cell("taylor", 0.5, 0, 0.0)
+    chance = quality.chance_levels("medical")["pubmedqa"]
+    assert chance == pytest.approx(1 / 3)
+    assert quality.share(constant, tuned, "pubmedqa", chance) == (pytest.approx(0.0, abs=1e-9), pytest.approx(0.0))
+    assert quality.share(tuned, tuned, "pubmedqa", chance) == (100.0, 0.0)
+    document, markdown = quality.tables([tuned, constant], "medical", ["# header"])
+    assert document["rows"][1]["pct_of_tuned"]["pubmedqa"] == pytest.approx(0.0, abs=1e-9)
+    at_chance = medical_cell("lora", None, 0, 0.0)  # a tuned model without skill: PubMedQA is unmeasurable
+    document, markdown = quality.tables([at_chance, constant], "medical", ["# header"])
+    assert document["rows"][1]["unmeasurable"] == ["pubmedqa"] and "unmeasurable with the lora reference" in markdown

@@ -374,7 +374,7 @@ def test_comparison_table_inverts_perplexity_and_compares_to_dense_and_tuned():
         "tuned": {"qa": {"accuracy": 0.9}, "text": {"perplexity": 8.0}},
         "pruned": {"qa": {"accuracy": 0.6}, "text": {"perplexity": 20.0}},
     }
-    kinds = {"qa": "classification", "text": "language_modeling"}
+    kinds = {"qa": "multiple_choice", "text": "language_modeling"}  # no chance levels given: plain shares
     table = comparison_table(results, kinds, dense="dense", tuned="tuned")
     assert table["tasks"]["qa"]["pruned % of dense"] == pytest.approx(75.0)
     assert table["tasks"]["text"]["pruned % of dense"] == pytest.approx(50.0)
