@@ -1,14 +1,18 @@
-"""The quickstart table: every quickstart cell of several seeds, test and validation perplexity side by side.
+"""The quickstart table: quickstart cells of several seeds, test and validation perplexity side by side.
 
-    python benchmarks/quality/quickstart_table.py benchmarks/results/quickstart-clean/seed-0 \
-        benchmarks/results/quickstart-clean/seed-1 benchmarks/results/quickstart-clean/seed-2 \
-        --out benchmarks/results/quickstart-clean/README.md
+    python benchmarks/quality/quickstart_table.py \
+        benchmarks/results/quickstart-clean benchmarks/results/quickstart-learned/learned \
+        benchmarks/results/quickstart-learned/settle --out benchmarks/results/quickstart-learned/README.md
 
-Each seed folder is the ``--out`` of one ``benchmarks/quality/quality.py --suite quickstart`` run (its cells in
-``quality-quickstart/cells``). Per cell: the test perplexity of each seed, their mean with the pooled test-row error
-sqrt(sum of squared errors) / seeds (the spread between seeds, training noise, is shown next to it), the same for the
-validation rows, and the paired difference of "% of tuned" from two-stage Taylor with the same distillation setting
-(the same test rows, so a paired bootstrap; pooled over seeds). Defaults are chosen on the validation columns.
+Each folder holds ``seed-<n>`` folders, each the ``--out`` of one ``benchmarks/quality/quality.py --suite
+quickstart`` run for that seed (older runs) or the ``seed-<n>`` folders of a multi-seed run (its cells in
+``seed-<n>/quality-quickstart/cells``). A cell's row is named by its folder and cell (``learned/one_stage-0.764666``),
+so the same method run with other settings (another folder) gets its own row. Per row: the test perplexity of each
+seed, the mean with the pooled test-row error sqrt(sum of squared errors) / seeds (the spread between seeds, training
+noise, next to it), the same for the validation rows, and the seed-paired difference of "% of tuned" from two-stage
+Taylor (``quickstart-clean/taylor-0.7``, the same parameter count) with its paired bootstrap error pooled over
+seeds. The tuned reference of every seed is that seed's ``lora`` cell, found in any folder. Defaults are chosen on the
+validation columns.
 """
 
 from __future__ import annotations
@@ -16,29 +20,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_summary import average_share, pooled  # noqa: E402  (benchmarks/ is a folder of scripts)
+from quality import paired_difference  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 TASK = "botchan"
-ORDER = ["dense", "lora", "taylor-0.7", "taylor-0.7-distill", "one_stage-0.7", "one_stage-0.7-distill"]
-LABELS = {
-    "dense": "dense, untuned",
-    "lora": "dense, LoRA-tuned",
-    "taylor-0.7": "two-stage Taylor",
-    "taylor-0.7-distill": "two-stage Taylor + distillation",
-    "one_stage-0.7": "one-stage",
-    "one_stage-0.7-distill": "one-stage + distillation",
-}
+RIVAL = "quickstart-clean/taylor-0.7"
+SEED = re.compile(r"seed-(\d+)")
 
 
-def seed_cells(folder: Path) -> dict[str, dict]:
-    """Cell name -> cell of one seed's quality.py output folder."""
-    cells = sorted((folder / "quality-quickstart" / "cells").glob("*.json"))
-    return {path.stem: json.loads(path.read_text()) for path in cells}
+def seed_cells(folders: list[Path]) -> dict[int, dict[str, dict]]:
+    """Seed -> ``<folder>/<cell>`` -> cell, for every ``seed-<n>/quality-quickstart/cells/*.json`` under
+    ``folders``."""
+    found: dict[int, dict[str, dict]] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("seed-*/quality-quickstart/cells/*.json")):
+            seed = int(SEED.fullmatch(path.parents[2].name).group(1))
+            found.setdefault(seed, {})[f"{folder.name}/{path.stem}"] = json.loads(path.read_text())
+    return found
+
+
+def tuned(cells: dict[str, dict]) -> dict | None:
+    """The seed's LoRA-tuned dense cell (the 100% reference), from whichever folder has it."""
+    return next((cell for name, cell in cells.items() if name.endswith("/lora")), None)
 
 
 def mean_with_errors(rows: list[dict]) -> str:
@@ -49,57 +57,58 @@ def mean_with_errors(rows: list[dict]) -> str:
     return f"{sum(values) / len(values):.1f} ± {error:.1f}{spread}"
 
 
-def table(seeds: list[Path]) -> str:
-    """The Markdown table of the cells found in every seed folder (dense: in any)."""
-    runs = [seed_cells(folder) for folder in seeds]
-    lines = [
-        "| model | parameters | test perplexity per seed | test mean ± error | validation mean ± error | "
-        "% of tuned minus Taylor's (paired, points) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ORDER:
-        cells = [run[name] for run in runs if name in run]
-        if not cells:
+def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
+    """Mean over seeds of (this row's % of tuned) - (Taylor's), paired per seed, ± the pooled paired error."""
+    if name == RIVAL or name.endswith(("/lora", "/dense")):
+        return ""
+    differences, errors = [], []
+    for cells in runs.values():
+        reference = tuned(cells)
+        if name not in cells or RIVAL not in cells or reference is None:
             continue
+        found = paired_difference(cells[name], cells[RIVAL], reference, [TASK], {TASK: None})
+        if found is not None:
+            differences.append(found[0])
+            errors.append(found[1])
+    if not differences:
+        return ""
+    error = math.sqrt(sum(e**2 for e in errors)) / len(errors)
+    return f"{sum(differences) / len(differences):+.1f} ± {error:.1f} ({len(differences)} seeds)"
+
+
+def table(folders: list[Path]) -> str:
+    """The Markdown table of every row found, in the order of first appearance."""
+    runs = seed_cells(folders)
+    names = list(dict.fromkeys(name for seed in sorted(runs) for name in runs[seed]))
+    lines = [
+        "| cell | parameters | seeds | test perplexity per seed | test mean ± error | validation mean ± error | "
+        "% of tuned minus Taylor's (paired, points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        cells = [runs[seed][name] for seed in sorted(runs) if name in runs[seed]]
+        seeds = ", ".join(str(seed) for seed in sorted(runs) if name in runs[seed])
         test = [cell["tasks"][TASK] for cell in cells]
         per_seed = " / ".join(f"{row['value']:.1f}" for row in test)
-        validation = mean_with_errors([cell["validation"][TASK] for cell in cells])
-        parameters = f"{cells[0]['parameters']:,}" if cells[0]["parameters"] else ""
+        validation = mean_with_errors([cell["validation"][TASK] for cell in cells if "validation" in cell])
+        parameters = f"{cells[0]['parameters']:,}" if cells[0].get("parameters") else ""
         lines.append(
-            f"| {LABELS[name]} | {parameters} | {per_seed} | {mean_with_errors(test)} | {validation} | "
+            f"| {name} | {parameters} | {seeds} | {per_seed} | {mean_with_errors(test)} | {validation} | "
             f"{difference_from_taylor(name, runs)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def difference_from_taylor(name: str, runs: list[dict[str, dict]]) -> str:
-    """Mean over seeds of (this cell's % of tuned) - (Taylor's with the same distillation), paired per seed."""
-    if not name.startswith("one_stage"):
-        return ""
-    rival = name.replace("one_stage", "taylor")
-    differences, errors = [], []
-    for run in runs:
-        if not {name, rival, "lora"} <= set(run):
-            continue
-        (ours, ours_resamples), (theirs, theirs_resamples) = (
-            average_share(run[key], run["lora"]) for key in (name, rival)
-        )
-        differences.append(ours - theirs)
-        errors.append(float((ours_resamples - theirs_resamples).std()))
-    return pooled(differences, errors) if differences else ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("seeds", type=Path, nargs="+", help="quality.py --out folders, one per seed")
+    parser.add_argument("folders", type=Path, nargs="+", help="folders of seed-<n> quality.py outputs")
     parser.add_argument("--out", type=Path, help="also write the table (with its command) to this Markdown file")
     args = parser.parse_args()
-    markdown = table(args.seeds)
+    markdown = table(args.folders)
     print(markdown)
     if args.out:
         command = " ".join(["python", "benchmarks/quality/quickstart_table.py", *sys.argv[1:]])
-        header = f"# Quickstart on the cleaned novel\n\nCommand: `{command}`\n\n"
-        args.out.write_text(header + markdown)
+        args.out.write_text(f"# Quickstart cells\n\nCommand: `{command}`\n\n" + markdown)
 
 
 if __name__ == "__main__":

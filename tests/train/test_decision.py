@@ -23,7 +23,7 @@ PRUNING = {"target": 0.6, "round_to": 1, "settle_steps": PATIENCE, "recovery": 0
 def test_the_mask_settles_after_patience_unchanged_steps_within_the_budget():
     structure = describe(tiny_model())
     one, other = GateValues.ones(structure), GateValues.ones(structure)
-    other.channels[0, 0] = 0
+    other.channels[0, 0] = 0  # 1 of the 72 kept channels: more than 1% of them
     settling = MaskSettling(patience=2, tolerance=0.01)
     assert not settling.update(one, 0.0)  # a first mask: nothing to compare with
     assert not settling.update(one, 0.0)
@@ -73,13 +73,16 @@ def record(path) -> list[dict]:
 
 
 def first_settled_step(steps: list[dict]) -> int | None:
-    """The first step after which the rule holds: the mask unchanged for PATIENCE steps of the control phase and
-    the budget met (the same rule, recomputed from what the run recorded)."""
+    """The first step after which the rule holds: the mask unchanged (up to 1% of each type's kept units) for
+    PATIENCE steps of the control phase and the budget met (the same rule, recomputed from what the run recorded)."""
     unchanged = 0
     for previous, current in zip(steps, steps[1:], strict=False):
         if current["frozen"]:
             return None
-        same = all(torch.equal(previous["mask"][name], current["mask"][name]) for name in current["mask"])
+        same = all(  # at most 1% of each type's kept units moved (tailored.train.decision.SETTLED_CHANGE)
+            int((previous["mask"][name] != current["mask"][name]).sum()) <= 0.01 * int(current["mask"][name].sum())
+            for name in current["mask"]
+        )
         unchanged = unchanged + 1 if same else 0
         if current["phase"] == "control" and unchanged >= PATIENCE and abs(current["gap"]) <= 0.01:
             return current["step"]
