@@ -6,16 +6,15 @@ hidden dims pruned that includes the embeddings), or an explicit uniform shape.
 - ``uniform`` (the default): every layer must end with the same shape, so the export is a stock Hugging Face
   model. Two allocations of the budget between the unit types:
 
-  - ``learned`` (the default): a budget in parameters, not in units, so how many groups, channels, hidden dims
-    and layers to keep is learned. Per layer ``l``, the expected kept fraction of the prunable parameters of the
-    model every layer of which had layer ``l``'s expected groups and channels (the model-wide hidden dims and
-    layers as they are) must reach the target; and a tying constraint per layer and per-layer type (the layer's
-    expected KV-group or channel fraction equals the mean over layers). A single budget constraint, as in
-    non-uniform mode, spreads its gradient over every gate of the model, and in short runs the LM loss outweighs
-    it: measured on the quickstart, the expected fraction was still 0.75 for a target of 0.70 when the gates froze.
-    One budget per layer pulls each gate as hard as the proportional shape's per-layer constraints do. At the end
-    :func:`learned_shape` rounds the layers' mean expected counts to the nearest legal stock shape that meets the
-    budget (docs/method.md#section-5).
+  - ``learned`` (the default): one constraint on the expected kept fraction of all prunable parameters, as in
+    non-uniform mode, plus a tying constraint per layer and per-layer type (the layer's expected KV-group or
+    channel fraction equals the mean over layers). How many groups, channels, hidden dims and layers to keep is
+    learned; at the end :func:`learned_shape` rounds the layers' mean expected counts to the nearest legal stock
+    shape that meets the budget (docs/method.md#section-5). The one constraint pulls each gate gently (its
+    gradient is spread over every gate), so in short runs the expected fraction is still above the target when
+    the gates freeze and the final top-k removes the rest; one budget per layer, which pulls as hard as the
+    proportional shape's per-layer constraints, reached the target early and measured worse on the quickstart
+    (docs/quality.md).
   - ``proportional``: the fraction is first turned into a fixed shape in which every pruned type keeps the same
     share of its units (:func:`uniform_shape_for_fraction`); the regulariser constrains every layer's expected
     KV-group and channel fractions, the hidden fraction and the layer fraction to that shape (Sheared-LLaMA's
@@ -211,27 +210,22 @@ def constraint_values(
     differentiable in the keep probabilities (the targets are not).
 
     ``ramp`` in [0, 1] moves the budget targets from 1 (dense) to their final values (warm-up). Constraints, in
-    order: non-uniform, the prunable fraction; a learned uniform shape, the per-layer budgets
-    (:func:`layer_budgets`, ``[L]``), then each layer's expected fraction of every pruned :data:`TIED_TYPES` type
-    against the mean over layers (``[L]`` per type); a fixed shape, each layer's group and channel fractions, the
-    hidden and the layer fractions."""
+    order: the prunable fraction (non-uniform and learned uniform), then for a learned uniform shape each layer's
+    expected fraction of every pruned :data:`TIED_TYPES` type against the mean over layers (``[L]`` per type);
+    for a fixed shape, each layer's group and channel fractions, the hidden and the layer fractions."""
 
     def ramped(final: torch.Tensor) -> torch.Tensor:
         return 1 - ramp * (1 - final)
 
-    if target.tied:
-        budgets = layer_budgets(structure, target.prune, probs)
-        expected, wanted = [budgets], [ramped(torch.full_like(budgets, target.fraction))]
-        for name in TIED_TYPES:
+    if target.shape is None:
+        expected = [prunable_fraction(structure, target.prune, parameter_count(structure, probs)).reshape(1).float()]
+        wanted = [ramped(torch.tensor([target.fraction], dtype=torch.float32, device=probs.hidden.device))]
+        for name in TIED_TYPES if target.tied else ():
             if name in target.prune:
                 per_layer = getattr(probs, name).mean(-1).float()  # [L]
                 expected.append(per_layer)
                 wanted.append(per_layer.detach().mean().expand_as(per_layer))
         return torch.cat(expected), torch.cat(wanted)
-    if target.shape is None:
-        expected = prunable_fraction(structure, target.prune, parameter_count(structure, probs)).reshape(1).float()
-        wanted = ramped(torch.tensor([target.fraction], dtype=torch.float32, device=probs.hidden.device))
-        return expected, wanted
     full = full_shape(structure)
     expected, wanted = [], []
     for name, per_layer in (("groups", True), ("channels", True), ("hidden", False), ("layers", False)):
@@ -242,24 +236,6 @@ def constraint_values(
         expected.append(fraction)
         wanted.append(ramped(torch.full_like(fraction, getattr(target.shape, name) / getattr(full, name))))
     return torch.cat(expected).float(), torch.cat(wanted).float()
-
-
-def layer_budgets(structure: ModelStructure, prune: tuple[str, ...], probs: GateValues) -> torch.Tensor:
-    """``[L]`` float32: for each layer ``l``, the expected kept fraction of the prunable parameters of the model in
-    which every layer has layer ``l``'s keep probabilities of KV groups and channels (hidden dims and layers are
-    model-wide and stay as they are). Equal to the model's expected fraction when the layers are alike."""
-    layers = structure.num_layers
-    fractions = []
-    for layer in range(layers):
-        alike = GateValues(
-            **{
-                **dict(probs.items()),
-                "groups": probs.groups[layer].expand(layers, -1),
-                "channels": probs.channels[layer].expand(layers, -1),
-            }
-        )
-        fractions.append(prunable_fraction(structure, prune, parameter_count(structure, alike)))
-    return torch.stack(fractions).float()
 
 
 def expected_counts(structure: ModelStructure, probs: GateValues) -> dict[str, float]:

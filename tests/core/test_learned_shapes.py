@@ -15,13 +15,7 @@ from tailored.core.gates import PruningGates
 from tailored.core.prune import prune_model
 from tailored.core.shapes import full_shape
 from tailored.core.structure import describe, parameter_count
-from tailored.core.targets import (
-    FRACTION_TOLERANCE,
-    constraint_values,
-    layer_budgets,
-    prunable_fraction,
-    resolve_target,
-)
+from tailored.core.targets import FRACTION_TOLERANCE, constraint_values, prunable_fraction, resolve_target
 
 UNITS = ("groups", "channels", "hidden", "layers")
 FRACTION = 0.6
@@ -105,32 +99,21 @@ def test_every_layer_keeps_its_own_best_units_at_the_shared_count():
         assert logits[layer][kept].min() >= logits[layer][~kept].max()
 
 
-def test_a_budget_per_layer_and_a_tying_constraint_per_layer_and_tied_type():
+def test_one_budget_constraint_and_one_tying_constraint_per_layer_and_tied_type():
     _, structure, gates = model_and_gates()
     learn(gates, SPLITS["attention halved, MLP wide"])
     probs = gates.keep_probabilities()
     expected, target = constraint_values(gates.target, structure, probs, ramp=0.0)
     layers = structure.num_layers
-    assert expected.shape == target.shape == (3 * layers,)
-    assert bool((target[:layers] == 1).all())  # warm-up starts the budgets at dense ...
-    mean_groups = probs.groups.mean(-1).mean().expand(layers)
-    torch.testing.assert_close(target[layers : 2 * layers], mean_groups)  # ... not the ties
-    _, ramped = constraint_values(gates.target, structure, probs, ramp=1.0)
-    torch.testing.assert_close(ramped[:layers], torch.full((layers,), FRACTION))
-    gaps = expected - target
-    torch.testing.assert_close(gaps[layers : 2 * layers].sum(), torch.tensor(0.0), atol=1e-6, rtol=0)
-
-
-def test_layer_budgets_are_the_model_s_expected_fraction_when_the_layers_are_alike():
-    _, structure, gates = model_and_gates()
-    learn(gates, SPLITS["a layer dropped"])
-    probs = gates.keep_probabilities()
-    probs.groups[:], probs.channels[:] = probs.groups[0], probs.channels[0]
+    assert expected.shape == target.shape == (1 + 2 * layers,)
     whole = prunable_fraction(structure, UNITS, parameter_count(structure, probs)).float()
-    torch.testing.assert_close(layer_budgets(structure, UNITS, probs), whole.expand(structure.num_layers))
-    probs.channels[0] = 0  # an emptier first layer: its budget, and only its own, drops
-    budgets = layer_budgets(structure, UNITS, probs)
-    assert budgets[0] < whole and torch.allclose(budgets[1:], whole.expand(structure.num_layers - 1))
+    torch.testing.assert_close(expected[0], whole)  # the model's expected fraction, ...
+    assert target[0] == 1  # ... whose target the warm-up starts at dense, ...
+    torch.testing.assert_close(target[1 : 1 + layers], probs.groups.mean(-1).mean().expand(layers))  # ... not ties
+    _, ramped = constraint_values(gates.target, structure, probs, ramp=1.0)
+    assert ramped[0] == pytest.approx(FRACTION)
+    gaps = expected - target
+    torch.testing.assert_close(gaps[1 : 1 + layers].sum(), torch.tensor(0.0), atol=1e-6, rtol=0)
 
 
 def test_the_tying_constraints_pull_each_layer_towards_the_mean():
