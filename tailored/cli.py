@@ -48,6 +48,7 @@ from tailored.data.metrics import chance_level
 from tailored.data.reports import comparison_table, format_comparison
 from tailored.data.tasks import RenamedOptionWarning, Task
 from tailored.models import EMBEDDED_SMOLLM2, check_model_name, load_config
+from tailored.train import checkpoints
 from tailored.train.callbacks import DynamicBatchLoading, ExportPruned, GateMonitor, LineProgress, ParameterSummary
 from tailored.train.module import TailoredModule
 from tailored.train.settings import available_memory, check_lora_rank, check_memory, training_memory
@@ -92,6 +93,16 @@ class TailoredCLI(LightningCLI):
             if root and Path(root).exists() and not Path(root).is_dir():
                 raise NotADirectoryError(f"trainer.default_root_dir {root} is a file; choose a folder for the run")
             check_checkpoint(config.get("ckpt_path"), root, subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's (the checkpoint's model settings replace the config's), then the allocation a tailored 0.1
+        checkpoint's settings lack, as that run had it (tailored.train.checkpoints.upgraded)."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        legacy = path and Path(path).is_file() and checkpoints.predates_allocation(torch.load(path, weights_only=True))
+        if legacy:
+            self.config[subcommand].model.pruning.allocation = checkpoints.LEGACY_ALLOCATION
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Check what needs the model's config but no weights (:func:`check_before_weights`), then run the

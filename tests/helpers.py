@@ -122,3 +122,49 @@ def load_in_fresh_process(path: Path, loader: str, tokens: torch.Tensor, tmp_pat
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path)], check=True, env=env)
     return torch.load(tmp_path / "out.pt")
+
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "ta", "su", "ri", "po", "de", "gu", "an", "el"]
+
+
+def syllable_lines(count: int, syllables: list[str], seed: int) -> list[str]:
+    """``count`` lines of 8 made-up words of 1-3 ``syllables``, with some punctuation and capitals."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(8 * count))
+    lines = [" ".join(next(words) for _ in range(8)) for _ in range(count)]
+    return [line.capitalize() + rng.choice([".", "?", ", and"]) for line in lines]
+
+
+def byte_level_tokenizer(texts: list[str], vocab_size: int = 400, byte_fallback: bool = False):
+    """A BPE tokenizer trained on ``texts`` (<pad>, <s>, </s> first): byte-level like SmolLM2 and Llama 3, or, with
+    ``byte_fallback``, sentencepiece-style like Llama 2 (a metaspace pre-tokenizer, ``<0x00>`` .. ``<0xFF>`` for
+    characters it has no token for)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    backend = Tokenizer(models.BPE())
+    if byte_fallback:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+        backend.train_from_iterator(texts, trainer)
+        trained = backend.get_vocab()
+        pieces = specials + [f"<0x{byte:02X}>" for byte in range(256)]
+        pieces += sorted((token for token in trained if token not in specials), key=trained.get)
+        merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
+        backend = Tokenizer(models.BPE({token: i for i, token in enumerate(pieces)}, merges, byte_fallback=True))
+        backend.add_special_tokens(specials)
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+        backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from speed_measure import (
     MIB,
     Measurement,
@@ -39,9 +40,13 @@ from speed_measure import (
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
+from tailored.data.datamodule import DomainData, MixtureStream
+from tailored.data.packing import loss_positions, packed_batch
+from tailored.data.tasks import IGNORE_INDEX, Task
 from tailored.train.module import TailoredModule
 from tailored.train.settings import DistillSettings, PruningSettings
 
+ROOT = Path(__file__).resolve().parents[2]
 SIDES = ("lora", "tailored", "tailored_distill")
 LOG_EVERY = 10
 """Trainer.log_every_n_steps, as in configs/quickstart.yaml (the module logs sparsity on these steps)."""
@@ -52,20 +57,25 @@ ONE_B = {"hidden": 2048, "layers": 22, "heads": 32, "kv_heads": 4, "intermediate
 """A ~1.1B Llama (TinyLlama's shape), for the GPU throughput figure."""
 
 
-class FixedBatch(L.LightningDataModule):
-    """The same batch at every step; what TailoredModule reads of a datamodule (no tasks to evaluate)."""
+class FixedBatches(L.LightningDataModule):
+    """The given batches, one per step; what TailoredModule reads of a datamodule (no tasks to evaluate), and the
+    loss positions DomainData adds to a training batch."""
 
     tasks: list = []
     dynamic = False
     reference_losses = None
     seed = 0
 
-    def __init__(self, batch: dict[str, torch.Tensor], steps: int) -> None:
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
         super().__init__()
-        self.batch, self.steps = batch, steps
+        self.batches = batches
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader([self.batch] * self.steps, batch_size=None)
+        return DataLoader(self.batches, batch_size=None)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        positions, targets = loss_positions(batch["labels"], IGNORE_INDEX)
+        return batch | {"loss_positions": positions, "loss_targets": targets}
 
 
 class StepMeter(L.Callback):
@@ -110,12 +120,12 @@ def build_side(name: str, model: str, dtype: str) -> TailoredModule:
     return module
 
 
-def fit(module: TailoredModule, batch: dict, steps: int, meter: StepMeter, device: torch.device) -> None:
-    """``steps`` optimiser steps of ``module`` on ``batch`` through a fresh Trainer, quietly."""
+def fit(module: TailoredModule, batches: list[dict], meter: StepMeter, device: torch.device) -> None:
+    """One optimiser step of ``module`` per batch through a fresh Trainer, quietly."""
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        max_steps=steps,
+        max_steps=len(batches),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -126,7 +136,7 @@ def fit(module: TailoredModule, batch: dict, steps: int, meter: StepMeter, devic
         callbacks=[meter],
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the optimiser groups are printed at every fit
-        trainer.fit(module, datamodule=FixedBatch(batch, steps))
+        trainer.fit(module, datamodule=FixedBatches(batches))
 
 
 def random_batch(vocab: int, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -161,17 +171,17 @@ def measure_training(
     batch = random_batch(modules["lora"].structure_hint.vocab_size, *shape)
     skip = 1 if device.type == "cuda" else 0
     for name in sides:
-        fit(modules[name], batch, 1, StepMeter(device, skip=1), device)
+        fit(modules[name], [batch], StepMeter(device, skip=1), device)
     times: dict[str, list[float]] = {name: [] for name in sides}
     for name in rotations(sides, rounds):
         meter = StepMeter(device, skip=skip)
-        fit(modules[name], batch, skip + 1, meter, device)
+        fit(modules[name], [batch] * (skip + 1), meter, device)
         times[name] += meter.seconds
     ops: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     memory: dict[str, tuple[int, int]] = {}
     for name in rotations(sides, profiles):
         meter = StepMeter(device, skip=1, profile=True)
-        fit(modules[name], batch, 2, meter, device)
+        fit(modules[name], [batch] * 2, meter, device)
         ops[name].append(meter.measurement.op_ms)
         memory[name] = meter.static_bytes, max(meter.measurement.peak_bytes, memory.get(name, (0, 0))[1])
     result = {"model": model, "dtype": dtype, "batch": list(shape), "rounds": rounds, "sides": {}}
@@ -239,4 +249,51 @@ def measure_throughput(
         achieved = side["tokens_per_second"] * per_token
         side["model_tflops_per_second"] = round(achieved / 1e12, 3)
         side["mfu"] = None if peak is None else round(achieved / (peak * 1e12), 4)
+    return result
+
+
+def medical_batches(config: Path, tokenizer: str, steps: int) -> dict:
+    """The first ``steps`` training batches of ``config``'s data, each collated twice from the same examples:
+    ``packed`` (data.packing true) and ``padded`` (false); and the data's padding shares over its first batches."""
+    settings = yaml.safe_load(config.read_text())["data"]
+    tasks = [Task(**task) for task in settings.pop("tasks")]
+    settings["data_dir"] = str((ROOT / settings["data_dir"]).resolve())  # the config's path is the checkout's
+    with contextlib.redirect_stdout(io.StringIO()):  # the data splits table
+        data = DomainData(tasks, tokenizer=tokenizer, **settings)
+        data.setup("fit")
+    stream = iter(MixtureStream(data.train_examples, data.weights, data.seed))
+    examples = [[next(stream) for _ in range(data.batch_size)] for _ in range(steps)]
+    packed = [packed_batch(batch, data.seq_len, data.tokenizer.pad_token_id, IGNORE_INDEX) for batch in examples]
+    return {"packed": packed, "padded": [data.collate(batch) for batch in examples], "padding": data.padding}
+
+
+def measure_packing(model: str, dtype: str, device: torch.device, config: Path, steps: int, rounds: int) -> dict:
+    """Tokens of real data (not padding) per second of a tailored step (gates + Lagrangian + LoRA) on the first
+    ``steps`` training batches of ``config`` (the medical config), packed against padded: the same examples, the two
+    sides alternated round by round after one untimed warm-up fit each; the ratio is the median over rounds of
+    packed / padded real tokens per second."""
+    quiet()
+    module = build_side("tailored", model, dtype)
+    batches = medical_batches(config, model, steps)
+    real = sum(int(batch["attention_mask"].sum()) for batch in batches["padded"])
+    sides = ("packed", "padded")
+    for name in sides:
+        fit(module, batches[name][:1], StepMeter(device), device)
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for name in rotations(sides, rounds):
+        meter = StepMeter(device)
+        fit(module, batches[name], meter, device)
+        seconds[name].append(sum(meter.seconds))
+    result = {"config": str(config.relative_to(ROOT)), "steps": steps, "rounds": rounds, "real_tokens": real}
+    result["padding_share_first_batches"] = {name: round(share, 4) for name, share in batches["padding"].items()}
+    for name in sides:
+        median = statistics.median(seconds[name])
+        result[name] = {
+            "tokens": sum(batch["input_ids"].numel() for batch in batches[name]),
+            "seconds": round(median, 3),
+            "seconds_all": [round(value, 3) for value in seconds[name]],
+            "real_tokens_per_second": round(real / median, 1),
+        }
+    paired = [padded / packed for packed, padded in zip(seconds["packed"], seconds["padded"], strict=True)]
+    result["real_tokens_per_second_ratio"] = round(statistics.median(paired), 3)
     return result

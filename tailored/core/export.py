@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,19 @@ REPORT_NAME = "pruning_report.json"
 REMOTE_CODE_NAME = "modeling_tailored.py"
 
 
-def pruning_report(structure: ModelStructure, gates: GateValues, source: str | None = None) -> dict[str, Any]:
-    """Sizes before and after pruning with deterministic ``gates``, and what every kept layer keeps."""
+def pruning_report(
+    structure: ModelStructure, gates: GateValues, source: str | None = None, kept_tokens: int | None = None
+) -> dict[str, Any]:
+    """Sizes before and after pruning with deterministic ``gates``, and what every kept layer keeps.
+
+    ``kept_tokens``: the vocabulary size after domain vocabulary trimming (:mod:`tailored.core.vocabulary`; None:
+    untrimmed). The count after is then that of the structure with ``kept_tokens`` embedding and lm_head rows.
+    """
     plan: PruningPlan = plan_pruning(structure, gates)
     before = int(parameter_count(structure, GateValues.ones(structure, device="cpu")))  # from the structure alone
-    after = int(parameter_count(structure, gates.kept()))
+    untrimmed = int(parameter_count(structure, gates.kept()))
+    trimmed = structure if kept_tokens is None else replace(structure, vocab_size=kept_tokens)
+    after = int(parameter_count(trimmed, gates.kept()))
     return {
         "source_model": source,
         "family": structure.family,
@@ -43,6 +52,11 @@ def pruning_report(structure: ModelStructure, gates: GateValues, source: str | N
         "parameters": {"before": before, "after": after, "kept_fraction": after / before},
         "hidden_size": {"before": structure.hidden_size, "after": len(plan.hidden)},
         "num_layers": {"before": structure.num_layers, "after": len(plan.layers)},
+        "vocabulary": {
+            "before": structure.vocab_size,
+            "after": trimmed.vocab_size,
+            "parameters_removed": untrimmed - after,
+        },
         "uniform_shape": uniform_shape_of(gates.kept()),  # kept counts when every kept layer has the same
         "dense_layer": {  # what every layer of the source has, for the kept counts below
             "kv_heads": structure.num_kv_heads,

@@ -100,8 +100,19 @@ class PruningGates(nn.Module):
             self.register_buffer(f"frozen_{name}", torch.ones(shape, dtype=fp32))
         for name in self.prune:  # importance ranks in [0, 1] (1: most important); 0 without a prior
             self.register_buffer(f"prior_{name}", torch.zeros(shapes[name], dtype=fp32))
-        self.register_buffer("is_frozen", torch.tensor(False))
+        self._buffers["is_frozen"] = torch.tensor(False)  # checkpoints carry the flag; steps read the property
+        self._frozen = False
         self.init_log_alpha = init_log_alpha
+
+    @property
+    def is_frozen(self) -> bool:
+        """The gates are fixed for the recovery phase (:meth:`freeze`). A host value: the hooks read it every step,
+        and a device flag would make each read wait for the device; the buffer of this name holds it in checkpoints."""
+        return self._frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self._buffers["is_frozen"])  # read once, when a checkpoint is loaded
 
     def _apply(self, fn, recurse: bool = True):
         """Move, never cast: ``.to(device)``/``.cuda()`` move the gates, a dtype change is dropped (all float32).
@@ -176,18 +187,20 @@ class PruningGates(nn.Module):
         """Training gates: one hard-concrete sample per unit, differentiable in the logits."""
         return self._fill({name: hard_concrete.sample(value) for name, value in self.log_alphas().items()})
 
-    def kept_fraction(self, gates: GateValues) -> float:
-        """Share of the prunable parameters that ``gates`` keep (a unit counts with its gate value)."""
-        return float(prunable_fraction(self.structure, self.prune, parameter_count(self.structure, gates.kept())))
+    def kept_fraction(self, gates: GateValues) -> torch.Tensor:
+        """Share of the prunable parameters that ``gates`` keep (a unit counts with its gate value): a scalar on the
+        gates' device, for ``self.log`` (which reads it back only when it logs)."""
+        count = parameter_count(self.structure, gates.kept())
+        return prunable_fraction(self.structure, self.prune, count).detach().float()
 
     @torch.no_grad()
-    def expected_sparsity(self) -> dict[str, float]:
+    def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """For logging: the expected kept share of the prunable parameters (``sparsity/expected_ratio``) and the
-        mean keep probability of each pruned unit type (``sparsity/kept_<type>``)."""
+        mean keep probability of each pruned unit type (``sparsity/kept_<type>``), scalars on the gates' device."""
         probs = self.keep_probabilities()
         count = parameter_count(self.structure, probs)
-        logs = {"sparsity/expected_ratio": float(prunable_fraction(self.structure, self.prune, count))}
-        return logs | {f"sparsity/kept_{name}": float(getattr(probs, name).mean()) for name in self.prune}
+        logs = {"sparsity/expected_ratio": prunable_fraction(self.structure, self.prune, count).float()}
+        return logs | {f"sparsity/kept_{name}": getattr(probs, name).mean() for name in self.prune}
 
     def keep_probabilities(self) -> GateValues:
         """P(z > 0) per unit (1 for unit types that are not pruned)."""
@@ -256,7 +269,8 @@ class PruningGates(nn.Module):
         """Fix the gates for the recovery phase; they are saved with the module's state (checkpoints)."""
         for name, value in gates.items():
             getattr(self, f"frozen_{name}").copy_(value)
-        self.is_frozen.fill_(True)
+        self._buffers["is_frozen"].fill_(True)
+        self._frozen = True
 
     def frozen(self) -> GateValues:
         """The gates fixed by :meth:`freeze`."""

@@ -76,15 +76,17 @@ class GateHooks:
         finally:
             self.deactivate()
 
-    def activate(self, gates: GateValues) -> None:
+    def activate(self, gates: GateValues, hidden_gated: bool | None = None) -> None:
         """Apply ``gates`` until :meth:`deactivate`. Training keeps them active through ``backward()``: gradient
         checkpointing re-runs each layer's forward there, and it must re-run the masked one.
 
         Gates on another device than the model (CPU gates, a GPU model) are moved to the model's device.
+        ``hidden_gated``: whether the hidden dims have gates of their own (false: ``gates.hidden`` is all ones), so
+        that a training step need not read the hidden gates back from the device; None reads them.
         """
         check_gate_shapes(self.structure, gates)
         device = self._embedding.weight.device
-        self._values = _ActiveGates(self.structure, gates.map(lambda value: value.to(device)))
+        self._values = _ActiveGates(self.structure, gates.map(lambda value: value.to(device)), hidden_gated)
 
     def deactivate(self) -> None:
         """Back to the dense forward."""
@@ -137,20 +139,26 @@ class _ActiveGates:
     """The per-forward products of the gates, computed once per :meth:`GateHooks.applied`.
 
     ``group_input [L, H*dh]``, ``channels [L, f]``, ``attn_output, mlp_output [L, d]`` (or ``[L, 1]`` when no
-    hidden dim is gated), ``hidden [d]`` or None, ``norm_scale`` = sqrt(d / d') or None when every dim is kept.
+    hidden dim is gated), ``hidden [d]`` or None, ``norm_scale`` = sqrt(d / d') (a float, or a device scalar when
+    the caller says the hidden dims are gated) or None when every dim is kept.
     """
 
-    def __init__(self, structure: ModelStructure, gates: GateValues) -> None:
+    def __init__(self, structure: ModelStructure, gates: GateValues, hidden_gated: bool | None = None) -> None:
         per_head_dim = structure.n_rep * structure.head_dim
         self.group_input = gates.groups.repeat_interleave(per_head_dim, dim=-1)
         self.channels = gates.channels
-        hidden_kept = int((gates.hidden > 0).sum())
-        if hidden_kept == 0:
-            raise ValueError("every hidden dim is gated to 0: the model would output nothing")
-        all_hidden = hidden_kept == structure.hidden_size and bool((gates.hidden == 1).all())
-        self.hidden = None if all_hidden else gates.hidden
-        all_dims = hidden_kept == structure.hidden_size
-        self.norm_scale = None if all_dims else math.sqrt(structure.hidden_size / hidden_kept)
+        if hidden_gated is None:  # read the values (on a GPU: wait for them)
+            hidden_kept = int((gates.hidden > 0).sum())
+            if hidden_kept == 0:
+                raise ValueError("every hidden dim is gated to 0: the model would output nothing")
+            all_hidden = hidden_kept == structure.hidden_size and bool((gates.hidden == 1).all())
+            self.hidden = None if all_hidden else gates.hidden
+            all_dims = hidden_kept == structure.hidden_size
+            self.norm_scale = None if all_dims else math.sqrt(structure.hidden_size / hidden_kept)
+        else:  # told: the scale stays a device scalar (exactly 1 when every dim is kept)
+            self.hidden = gates.hidden if hidden_gated else None
+            kept = (gates.hidden > 0).sum()
+            self.norm_scale = (structure.hidden_size / kept).sqrt() if hidden_gated else None
         hidden = gates.hidden if self.hidden is not None else gates.hidden.new_ones(1)
         # a block whose every unit is 0 is removed by surgery, bias included, so it must output 0 here too
         attn_present = (gates.groups > 0).any(-1).to(gates.attn.dtype)

@@ -29,6 +29,7 @@ value (the tying constraints need no warm-up: they hold at the start).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -61,8 +62,10 @@ class SparsityTarget:
     """Kept channels and hidden dims of a learned shape are multiples of this."""
 
 
+@functools.cache
 def prunable_bounds(structure: ModelStructure, prune: tuple[str, ...]) -> tuple[float, float]:
-    """(parameters no pruned unit can remove, all parameters): host arithmetic on the structure, on the CPU."""
+    """(parameters no pruned unit can remove, all parameters): host arithmetic on the structure, on the CPU, done
+    once per structure (the Lagrangian of every step reads it)."""
     dense = GateValues.ones(structure, device="cpu")
     floor = dense.map(lambda value: value.clone())
     for name in prune:

@@ -8,6 +8,7 @@ to save, and mixture weights can change during training (dynamic batch loading) 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer
 
 from tailored.data import cleaning, sources
+from tailored.data.packing import loss_positions, packed_batch, padding_share
 from tailored.data.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text, renamed_option
 from tailored.models import check_model_name, resolve_model
 
@@ -29,6 +31,8 @@ HELD_OUT_SEED = 0
 """Seed of the held-out row samples: fixed, so runs with different seeds are compared on the same rows."""
 CALIBRATION_SEED_OFFSET = 7_919
 """Calibration batches (importance scores) come from the training stream of seed ``seed + this``."""
+PADDING_SAMPLE_BATCHES = 200
+"""Training batches whose padding share is reported when the data is set up."""
 
 
 class MixtureStream(IterableDataset):
@@ -114,6 +118,10 @@ class DomainData(L.LightningDataModule):
         dynamic: reweight tasks after every validation by their held-out loss's excess over the reference loss.
         reference_losses: per task name, the reference loss of dynamic weighting; by default the dense model's
             own held-out loss, measured when training starts.
+        packing: lay a training batch's examples end to end in rows of at most ``seq_len`` tokens, attention kept
+            inside each example (tailored.data.packing): the same examples and loss, less padding. Exact with the
+            attention implementations transformers masks per example (sdpa, the default, eager, flash, flex);
+            false pads every example to the batch's longest. Held-out batches are always padded.
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class DomainData(L.LightningDataModule):
         dynamic: bool = False,
         reference_losses: dict[str, float] | None = None,
         eval_rows: int | None = None,
+        packing: bool = True,
     ) -> None:
         super().__init__()
         if eval_rows is not None:
@@ -154,7 +163,7 @@ class DomainData(L.LightningDataModule):
                     test_rows=test_rows, eval_blocks=eval_blocks)  # fmt: skip
         self.response_only, self.test_rows, self.eval_blocks, self.seed = response_only, test_rows, eval_blocks, seed
         self.val_rows = val_rows
-        self.dynamic = dynamic
+        self.dynamic, self.packing = dynamic, packing
         self.reference_losses = [reference_losses[name] for name in names] if reference_losses else None
         for task in tasks:  # fail on a missing file or column now, before any model weight is loaded
             for source in filter(None, (task.source, task.test_source)):
@@ -197,6 +206,14 @@ class DomainData(L.LightningDataModule):
                 dropped = rows.repeats.get(split, 0)
                 self.split_sizes.append(SplitSize.of(task.name, split, len(split_rows), examples, dropped))
         print_split_sizes(self.split_sizes)
+        self.padding = self.padding_shares(PADDING_SAMPLE_BATCHES)
+        print_padding(self.padding, self.packing)
+
+    def padding_shares(self, batches: int) -> dict[str, float]:
+        """Share of padding in the first ``batches`` training batches, ``{"padded": ..., "packed": ...}``."""
+        stream = iter(MixtureStream(self.train_examples, list(self.weights), self.seed))
+        lengths = [[len(next(stream)["input_ids"]) for _ in range(self.batch_size)] for _ in range(batches)]
+        return {kind: padding_share(lengths, self.seq_len, kind == "packed") for kind in ("padded", "packed")}
 
     def split_rows(self, task: Task) -> SplitRows:
         """The task's training, validation and test rows (:meth:`_split`, :meth:`_carve_validation`), without the
@@ -260,9 +277,23 @@ class DomainData(L.LightningDataModule):
         return split["train"], split["test"]
 
     def calibration_loader(self, batches: int) -> Iterable[dict[str, torch.Tensor]]:
-        """``batches`` training batches from a stream of another seed (importance scores are computed on them)."""
+        """``batches`` training batches from a stream of another seed (importance scores are computed on them),
+        padded: they go to the model's own forward and loss (tailored.core.importance)."""
         stream = MixtureStream(self.train_examples, list(self.weights), self.seed + CALIBRATION_SEED_OFFSET)
         return itertools.islice(DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate), batches)
+
+    def validation_encoded_by(self, tokenizer) -> DomainData:
+        """A copy of this data whose validation items are encoded by ``tokenizer`` (a vocabulary-trimmed export's
+        own, whose ids differ): the same rows, shots and sizes."""
+        data = copy.copy(self)
+        data.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        data.val_items = [
+            data._encode_eval(index, task, rows.training, rows.validation)
+            for index, (task, rows) in enumerate((task, data.split_rows(task)) for task in data.tasks)
+        ]
+        return data
 
     def _encode(self, task: Task, rows) -> list[dict]:
         if task.kind == "language_modeling":
@@ -307,7 +338,7 @@ class DomainData(L.LightningDataModule):
             stride=trainer.world_size if trainer else 1,
             offset=trainer.global_rank if trainer else 0,
         )
-        return DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate)
+        return DataLoader(stream, batch_size=self.batch_size, collate_fn=self.collate_train)
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per task over its validation rows, in task order (``dataloader_idx`` = task index)."""
@@ -325,6 +356,20 @@ class DomainData(L.LightningDataModule):
         ids, mask = pad([example["input_ids"] for example in examples], self.tokenizer.pad_token_id, left=False)
         labels, _ = pad([example["labels"] for example in examples], IGNORE_INDEX, left=False)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def collate_train(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A training batch: packed (``input_ids``, ``position_ids``, ``labels`` ``[R, T]``,
+        :func:`tailored.data.packing.packed_batch`) with ``packing``, else padded (:meth:`collate`)."""
+        if not self.packing:
+            return self.collate(examples)
+        return packed_batch(examples, self.seq_len, self.tokenizer.pad_token_id, IGNORE_INDEX)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """A training batch gains ``loss_positions`` and ``loss_targets`` (:func:`tailored.data.packing.loss_positions`)
+        here, on the host before it moves: the step's losses read them without a device read-back."""
+        if self.trainer is not None and self.trainer.training:
+            batch["loss_positions"], batch["loss_targets"] = loss_positions(batch["labels"], IGNORE_INDEX)
+        return batch
 
     def collate_eval(self, items: list[dict]) -> dict:
         """The teacher-forced batch of :meth:`collate`, plus per task kind:
@@ -400,6 +445,13 @@ def print_split_sizes(sizes: list[SplitSize]) -> None:
         counts = f"{size.rows:>7,}  {size.examples:>8,}  {size.tokens:>10,}"
         lines.append(f"{size.task.ljust(width)}  {size.split:<10}  {counts}{note}")
     print("\n".join(["data splits", *lines]))
+
+
+@rank_zero_only
+def print_padding(shares: dict[str, float], packing: bool) -> None:
+    """One line: the padding share of training batches, padded and packed, and which one the run uses."""
+    used = "packed" if packing else "padded"
+    print(f"training batches: padding {shares['padded']:.1%} of tokens padded, {shares['packed']:.1%} packed ({used})")
 
 
 MINIMUM_SIZES = {"seq_len": 2, "eval_seq_len": 2, "batch_size": 1, "val_rows": 1, "test_rows": 1, "eval_blocks": 1}

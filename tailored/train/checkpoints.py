@@ -7,7 +7,9 @@ into it (:mod:`tailored.train.transition`), and continues with the gate noise th
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,6 +63,13 @@ def restore(module, checkpoint: dict) -> None:
     checkpoint["state_dict"] = {
         key: value for key, value in checkpoint["state_dict"].items() if not key.startswith(LEGACY_TEACHER_PREFIX)
     }
+    multipliers = checkpoint["state_dict"].get("gates.lambda_1")
+    if multipliers is not None and multipliers.shape != module.gates.lambda_1.shape:
+        raise ValueError(
+            f"the checkpoint's sparsity target has {multipliers.numel()} constraints, this run's "
+            f"{module.gates.lambda_1.numel()}: it was written with another pruning.allocation (runs of tailored 0.1 "
+            "used proportional); resume with the config the checkpoint was written with"
+        )
     expected, found = trainable_state_keys(module), set(checkpoint["state_dict"])
     if expected != found:
         missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
@@ -68,6 +77,31 @@ def restore(module, checkpoint: dict) -> None:
             f"the checkpoint does not match this run's LoRA/pruning settings (missing {missing}, unexpected "
             f"{extra}); resume with the config the checkpoint was written with"
         )
+
+
+LEGACY_ALLOCATION = "proportional"
+"""What runs of tailored 0.1, whose settings predate ``pruning.allocation``, pruned to."""
+
+
+def predates_allocation(checkpoint: dict) -> bool:
+    """The checkpoint's pruning settings were saved before ``pruning.allocation`` existed (tailored 0.1)."""
+    pruning = checkpoint.get("hyper_parameters", {}).get("pruning")
+    return isinstance(pruning, dict) and "allocation" not in pruning
+
+
+def upgraded(path, map_location=None):
+    """``path``, or, for a checkpoint of tailored 0.1, the checkpoint in memory with its allocation filled in
+    (:data:`LEGACY_ALLOCATION`). A sharded folder is returned as it is."""
+    if Path(path).is_dir():
+        return path
+    checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False)
+    if not predates_allocation(checkpoint):
+        return path
+    checkpoint["hyper_parameters"]["pruning"]["allocation"] = LEGACY_ALLOCATION
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def random_state() -> dict:

@@ -16,14 +16,16 @@ from tailored.core.lora import merged, merged_copy
 from tailored.core.prune import prune_model
 from tailored.core.structure import parameter_count
 from tailored.core.targets import prunable_fraction
+from tailored.core.vocabulary import trim_model, trimmed_tokenizer
 from tailored.models import load_tokenizer
 from tailored.train.summary import write_card
 
 
 @torch.no_grad()
 def export_run(module, path: str | Path, overwrite: bool = False, model: nn.Module | None = None) -> dict:
-    """Prune ``module``'s model with its final gates (merging LoRA), save model + tokenizer + report + model card
-    (without metrics) to ``path``; return the report.
+    """Prune ``module``'s model with its final gates (merging LoRA), trim its vocabulary to the run's kept tokens
+    (``pruning.vocabulary``), save model + tokenizer + report + model card (without metrics) to ``path``; return
+    the report.
 
     ``model``: an unsharded copy of the module's model to export instead, merged or pruned without a further copy
     (FSDP: :func:`tailored.train.sharding.gathered_model`).
@@ -43,7 +45,10 @@ def export_run(module, path: str | Path, overwrite: bool = False, model: nn.Modu
     # already pruned (maybe a tailored_* layout), or a gathered copy that keeps every unit: merge the adapters
     nothing_to_prune = module.pruned_now or (model is not None and module.target is None)
     pruned = merge(source) if nothing_to_prune else prune_model(source, gates)
-    report = pruning_report(module.structure, gates, source=module.model_name)
+    kept = module.kept_tokens
+    if kept is not None:  # pruning.vocabulary: the same export keeps the domain's rows and a rebuilt tokenizer
+        pruned, tokenizer = trim_model(pruned, kept), trimmed_tokenizer(tokenizer, kept)
+    report = pruning_report(module.structure, gates, module.model_name, None if kept is None else len(kept))
     if module.target is not None:
         target = module.target
         report["method"] = module.pruning_settings.method

@@ -21,6 +21,7 @@ from peft import get_peft_model
 
 from tailored.core.gates import PruningGates
 from tailored.core.lora import lora_config, lora_state
+from tailored.core.losses import at_positions, final_hidden_states, head_losses, output_head
 from tailored.core.masking import GateHooks
 from tailored.core.shapes import shape_gates, uniform_shape_of
 from tailored.core.structure import GateValues, describe
@@ -43,8 +44,9 @@ from tailored.train.settings import (
     model_target,
 )
 from tailored.train.sharding import average_gradients, is_sharded, shard
-from tailored.train.teacher import CorrectedTeacher, distillation_loss, kept_teacher, teacher_outputs
+from tailored.train.teacher import CorrectedTeacher, kept_teacher, teacher_outputs
 from tailored.train.transition import check_adapters, importance_scores, prune_now
+from tailored.train.vocabulary import CHECKPOINT_KEY, check_tokenizer, domain_token_ids, mask_training_logits
 
 
 class TailoredModule(HeldOutEvaluation):
@@ -93,6 +95,8 @@ class TailoredModule(HeldOutEvaluation):
         settle = None if pruning is None else pruning.settle_steps
         self.settling = None if settle is None else MaskSettling(settle)  # decide, then prune (train/decision)
         self.decision: dict | None = None  # when the gates froze, the shape, and how much was learned
+        self.kept_tokens: list[int] | None = None  # pruning.vocabulary: the ids the export keeps (train/vocabulary)
+        self.logit_mask = None  # the hook that masks the other ids' logits in training
 
     def setup(self, stage: str) -> None:
         """Check the trainer settings (before :meth:`configure_model` loads weights); one metric set per task."""
@@ -101,6 +105,7 @@ class TailoredModule(HeldOutEvaluation):
             check_fit(
                 trainer.max_steps, self.pruning_settings, self.distill_settings, trainer.world_size, is_sharded(self)
             )
+            check_tokenizer(self)
         self.tasks = self.trainer.datamodule.tasks
         self.task_metrics = torch.nn.ModuleList(TaskMetrics(task) for task in self.tasks).to(self.device)
 
@@ -186,6 +191,7 @@ class TailoredModule(HeldOutEvaluation):
         pruned = prune_now(self.model, gates, fresh_lora, self.gradient_checkpointing)
         self.hooks.remove()
         dense, self.model = self.model, pruned
+        mask_training_logits(self)
         self.teacher = None if self.distill_settings is None else kept_teacher(dense, self.distill_settings.teacher)
         del dense
         if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.optimizers:
@@ -198,8 +204,12 @@ class TailoredModule(HeldOutEvaluation):
             self.resumed_random_state = None
 
     def on_fit_start(self) -> None:
-        """On a fresh run, importance scores: the gates' prior (one-stage) or the baseline's pruning."""
+        """With pruning.vocabulary, the domain's ids and the training logit mask; on a fresh run, importance scores:
+        the gates' prior (one-stage) or the baseline's pruning."""
         settings = self.pruning_settings
+        if settings is not None and settings.vocabulary is not None:  # a resumed run has them from its checkpoint
+            self.kept_tokens = self.kept_tokens or domain_token_ids(self)
+            mask_training_logits(self)
         if settings is None or self.checkpoint_step > 0 or self.pruned_now or self.gates.is_frozen:
             return
         if settings.two_stage:  # prune once, to the target shape, by the baseline's scores
@@ -222,23 +232,30 @@ class TailoredModule(HeldOutEvaluation):
             self.prune_now(step=self.global_step)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The loss from the hidden states at the batch's ``loss_positions`` (the datamodule finds them), logits a
+        chunk at a time (tailored.core.losses): neither the student's nor the teacher's ``[B, T, V]`` logits are
+        held."""
         distill = self.distill_settings
-        teacher_logits, teacher_loss = None, None
+        positions, targets = batch["loss_positions"], batch["loss_targets"]
+        teacher = None
         if distill is not None:
-            teacher = self.teacher if self.teacher is not None else self.model
+            dense = self.teacher if self.teacher is not None else self.model
             adapters_off = self.teacher is None and (distill.teacher == "base" or self.target is None)
-            teacher_logits, teacher_loss = teacher_outputs(teacher, batch, self.corrected_teacher, adapters_off)
+            teacher = teacher_outputs(dense, batch, positions, targets, self.corrected_teacher, adapters_off)
         if self.target is not None and not self.pruned_now:  # gates on until on_after_backward (checkpointing)
-            self.hooks.activate(self.gates.frozen() if self.gates.is_frozen else self.gates.sample())
-        output = self.model(**batch)
-        lm_loss = loss = output.loss
-        if teacher_logits is not None:
-            kd = distillation_loss(output.logits, teacher_logits, batch["labels"], distill.temperature)
+            gates = self.gates.frozen() if self.gates.is_frozen else self.gates.sample()
+            self.hooks.activate(gates, hidden_gated="hidden" in self.gates.prune)
+        hidden = at_positions(final_hidden_states(self.model, batch), positions)  # [N, d]
+        head = output_head(self.model)
+        if teacher is None:
+            lm_loss = loss = head_losses(hidden, head, targets)[0]
+        else:
+            lm_loss, kd = head_losses(hidden, head, targets, teacher.hidden, teacher.head, distill.temperature)
             loss = (1 - distill.weight) * lm_loss + distill.weight * kd
             self.log("train/distill_loss", kd)
-        if teacher_loss is not None:  # the corrected teacher's adapters learn the domain next to the student
-            loss = loss + teacher_loss
-            self.log("train/teacher_loss", teacher_loss)
+            if teacher.loss is not None:  # the corrected teacher's adapters learn the domain next to the student
+                loss = loss + teacher.loss
+                self.log("train/teacher_loss", teacher.loss)
         if self.target is not None:
             loss = loss + self.sparsity_term()
             self.log("train/lm_loss", lm_loss, prog_bar=True)
@@ -290,10 +307,18 @@ class TailoredModule(HeldOutEvaluation):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self, self.optimizer_settings)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> TailoredModule:
+        """Lightning's, after completing the settings of a tailored 0.1 checkpoint (tailored.train.checkpoints)."""
+        path = checkpoints.upgraded(checkpoint_path, kwargs.get("map_location"))
+        return super().load_from_checkpoint(path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.slim(self, checkpoint)
+        checkpoint[CHECKPOINT_KEY] = self.kept_tokens
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kept_tokens = checkpoint.get(CHECKPOINT_KEY)  # before restore: a replayed "prune now" masks with them
         checkpoints.restore(self, checkpoint)
 
     def export(self, path: str | Path, overwrite: bool = False, model: torch.nn.Module | None = None) -> dict:

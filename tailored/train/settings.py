@@ -48,6 +48,20 @@ class LoraSettings:
 
 
 @dataclass
+class VocabularySettings:
+    """Domain vocabulary trimming (docs/vocabulary.md): the export keeps the tokens of the training split, the
+    special and byte-level tokens and the merges that build them; the other rows of the embedding and lm_head go."""
+
+    keep_top: int = 0
+    """Also keep the base tokenizer's this many lowest ids (its most frequent pieces: general text stays short)."""
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the setting that cannot work."""
+        if self.keep_top < 0:
+            raise ValueError(f"pruning.vocabulary.keep_top must be >= 0 (0: the domain's tokens), got {self.keep_top}")
+
+
+@dataclass
 class PruningSettings:
     """What to prune, how far, and on which schedule."""
 
@@ -98,6 +112,9 @@ class PruningSettings:
     prune_at_recovery: bool = True
     """one_stage: when the gates freeze, physically prune and tune the smaller model for the recovery phase
     (faster, and it tunes the model that is exported); false keeps tuning the masked dense model."""
+    vocabulary: VocabularySettings | None = None
+    """Trim the vocabulary to the domain's tokens in the same export (embedding and lm_head rows, a rebuilt
+    tokenizer); in training the removed tokens' logits are masked. null: keep every token."""
 
     def check(self) -> None:
         """Raise a ``ValueError`` naming the first setting that cannot work (called before any weight loads; not
@@ -133,6 +150,8 @@ class PruningSettings:
             raise ValueError(f"pruning.recovery_weights must be lora or all, got {self.recovery_weights!r}")
         if self.calibration_batches < 1:
             raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.vocabulary is not None:
+            self.vocabulary.check()
         if self.importance_spread < 0:
             raise ValueError(f"pruning.importance_spread must be >= 0, got {self.importance_spread}")
         if self.logits not in LOGIT_SOURCES:
@@ -212,6 +231,11 @@ def check_settings(
     for settings in (lora, pruning, optimizer, distill):
         if settings is not None:
             settings.check()
+    if distill is not None and pruning is not None and pruning.vocabulary is not None:
+        raise ValueError(
+            "pruning.vocabulary masks the removed tokens in the student's training logits, which the distillation "
+            "teacher's do not have; set --model.distill null or --model.pruning.vocabulary null"
+        )
     if distill is not None and distill.teacher == "corrected" and gradient_checkpointing:
         raise ValueError(
             "distill.teacher corrected swaps the teacher's adapters in for its forward, which gradient "

@@ -46,7 +46,7 @@ from tailored.core.card import CARD_NAME, export_label, markdown_table, metric_r
 from tailored.core.export import load_pruned
 from tailored.data.metrics import PRIMARY_METRIC
 from tailored.data.scoring import evaluate
-from tailored.models import EMBEDDED_SMOLLM2, load_model
+from tailored.models import EMBEDDED_SMOLLM2, load_model, load_tokenizer
 
 SUMMARY_NAME = "fit_summary.json"
 HUB_NAMES = {EMBEDDED_SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -171,8 +171,12 @@ def summarize_fit(trainer: L.Trainer, module, path: Path, report: dict, log_dir:
     """
     data, device = trainer.datamodule, module.device
     dtype = getattr(torch, module.dtype_name)
-    batches = limited_batches(data.val_dataloader(), trainer.limit_val_batches)
-    tasks = [(task, rows) for task, rows in zip(data.tasks, batches, strict=True) if rows]
+    trimmed = report.get("vocabulary", {}).get("after") != report.get("vocabulary", {}).get("before")
+    datas = {"dense": data, "export": data.validation_encoded_by(load_tokenizer(path)) if trimmed else data}
+    batches = {name: limited_batches(each.val_dataloader(), trainer.limit_val_batches) for name, each in datas.items()}
+    tasks = {  # a vocabulary-trimmed export reads the validation rows as its own tokenizer encodes them
+        name: [(task, rows) for task, rows in zip(data.tasks, batches[name], strict=True) if rows] for name in datas
+    }
     generator = torch.Generator().manual_seed(0)
     label = export_label(report)
     loads = {
@@ -185,11 +189,12 @@ def summarize_fit(trainer: L.Trainer, module, path: Path, report: dict, log_dir:
     try:
         for name, load in loads.items():
             models[name] = load().to(device)
-            scored = [rows for _, rows in tasks], [task for task, _ in tasks]
-            results[name] = evaluate(models[name], *scored, data.tokenizer)
+            scored = [rows for _, rows in tasks[name]], [task for task, _ in tasks[name]]
+            results[name] = evaluate(models[name], *scored, datas[name].tokenizer)
             parameters[name] = parameter_total(models[name])
         shape = (data.batch_size, data.seq_len)  # one fixed batch of the training shape for both models
-        input_ids = torch.randint(models["dense"].config.vocab_size, shape, generator=generator).to(device)
+        vocab_size = min(model.config.vocab_size for model in models.values())  # ids every model has
+        input_ids = torch.randint(vocab_size, shape, generator=generator).to(device)
         repeats = prefill_repeats(models["dense"], input_ids)
         seconds = prefill_seconds(models, input_ids, repeats)
     finally:
@@ -209,7 +214,7 @@ def summarize_fit(trainer: L.Trainer, module, path: Path, report: dict, log_dir:
         "tasks": {
             task.name: {"kind": task.kind, "metric": PRIMARY_METRIC[task.kind]}
             | {name: values[task.name] for name, values in results.items()}
-            for task, _ in tasks
+            for task, _ in tasks["dense"]
         },
         "prefill": {
             "dense_seconds": seconds["dense"],

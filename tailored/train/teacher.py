@@ -10,7 +10,8 @@ LM loss (``labels != -100``: the response tokens of instruction tasks), as in Hi
     L_kd = T^2 * mean_{positions p}  KL( softmax(t_p / T) || softmax(s_p / T) )
 
 ``T^2`` keeps the gradient scale independent of the temperature. The run's loss is
-``(1 - weight) * L_lm + weight * L_kd``.
+``(1 - weight) * L_lm + weight * L_kd``; both come from the hidden states a chunk of positions at a time
+(:func:`tailored.core.losses.head_losses`), so neither model's ``[B, T, V]`` logits are ever held.
 
 Teacher correction inside the run: the dense teacher gets LoRA adapters of its own, tuned on the domain's LM loss.
 
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tailored.core.lora import adapter_key, lora_state
-from tailored.data.tasks import IGNORE_INDEX
+from tailored.core.losses import at_positions, final_hidden_states, head_losses, output_head
 
 
 class CorrectedTeacher(nn.Module):
@@ -74,47 +75,45 @@ class CorrectedTeacher(nn.Module):
                 owner._parameters[attribute] = original
 
 
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0
-) -> torch.Tensor:
-    """Temperature-scaled KL(teacher || student) averaged over the predicting positions.
+@dataclass
+class TeacherOutputs:
+    """What the student's losses need of the teacher's forward (tailored.core.losses.head_losses)."""
 
-    Args:
-        student_logits, teacher_logits: ``[B, T, V]``.
-        labels: ``[B, T]``; position ``p`` predicts token ``p + 1`` and counts when ``labels[:, p + 1]`` is not
-            :data:`tailored.data.tasks.IGNORE_INDEX` (the shift of Hugging Face's causal LM loss).
-        temperature: T.
-    Returns:
-        A scalar: 0 when the student's distribution equals the teacher's, positive otherwise.
-    """
-    counted = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
-    student = student_logits[:, :-1][counted].float() / temperature  # [N, V]
-    teacher = teacher_logits[:, :-1][counted].float() / temperature
-    if student.numel() == 0:
-        return student_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    hidden: torch.Tensor
+    """``[N, d_t]`` its final hidden states at the predicting positions, without gradient."""
+    head: nn.Linear
+    """Its ``lm_head``, weight ``[V, d_t]``."""
+    loss: torch.Tensor | None
+    """The corrected teacher's LM loss, with its graph (it trains the teacher's own adapters); None otherwise."""
 
 
 def teacher_outputs(
-    teacher: nn.Module, batch: dict[str, torch.Tensor], corrected: CorrectedTeacher | None, adapters_off: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits ``[B, T, V]`` of the dense ``teacher`` (gates off), without gradient, and the corrected teacher's LM
-    loss (with its graph: it trains the teacher's own adapters; None for the other teachers).
+    teacher: nn.Module,
+    batch: dict[str, torch.Tensor],
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    corrected: CorrectedTeacher | None,
+    adapters_off: bool,
+) -> TeacherOutputs:
+    """The dense ``teacher``'s (gates off) hidden states at ``positions [N]`` (flat indices of the batch's
+    ``[B * T]``, predicting ``targets [N]``), never its ``[B, T, V]`` logits; the KL is computed chunk by chunk from
+    them (tailored.core.losses).
 
-    With ``corrected`` the teacher runs with those adapters swapped in; otherwise with its current adapters
-    (``tuned``) or, with ``adapters_off``, none (``base``, and plain LoRA runs, whose model is its own teacher).
-    Evaluated without LoRA dropout.
+    With ``corrected`` the teacher runs with those adapters swapped in, and its LM loss keeps its graph; otherwise
+    it runs without gradient with its current adapters (``tuned``) or, with ``adapters_off``, none (``base``, and
+    plain LoRA runs, whose model is its own teacher). Evaluated without LoRA dropout.
     """
     training = teacher.training
     teacher.eval()
     try:
+        head = output_head(teacher)
         if corrected is not None:
             with corrected.swapped_into(teacher):
-                output = teacher(**batch)
-            return output.logits.detach(), output.loss
+                hidden = at_positions(final_hidden_states(teacher, batch), positions)
+            loss, _ = head_losses(hidden, head, targets)
+            return TeacherOutputs(hidden.detach(), head, loss)
         with torch.no_grad(), teacher.disable_adapter() if adapters_off else nullcontext():
-            return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None
+            return TeacherOutputs(at_positions(final_hidden_states(teacher, batch), positions), head, None)
     finally:
         teacher.train(training)
 

@@ -43,6 +43,9 @@ def test_smoke_run_writes_every_section_and_the_headline(tmp_path):
         assert "met" in document["targets"][key]
     assert document["machine"]["torch_threads"] == 1
     assert set(document["train"]["sides"]) == {"lora", "tailored", "tailored_distill"}
+    assert document["packed_real_tokens_per_second_ratio"] > 0  # packed vs padded medical batches, same examples
+    packing = document["train"]["packing"]
+    assert packing["packed"]["tokens"] <= packing["padded"]["tokens"]
     assert {case["kind"] for case in document["pruned"]["cases"].values()} == {"prefill", "decode"}
     assert [row["width"] for row in document["export"]["scaling"]["widths"]] == [1, 2]
     assert set(document["throughput"]["sides"]) == {"lora", "tailored"}  # the GPU path's CPU fallback

@@ -18,13 +18,15 @@ from transformers import AutoModelForCausalLM
 
 from tailored.core.gates import PruningGates
 from tailored.core.importance import magnitude_scores, taylor_scores
+from tailored.core.losses import at_positions, head_losses
 from tailored.core.masking import GateHooks
 from tailored.core.shapes import shape_parameter_count
 from tailored.core.structure import GateValues, describe
 from tailored.core.targets import resolve_target
 from tailored.data.datamodule import DomainData
+from tailored.data.packing import loss_positions
 from tailored.data.tasks import IGNORE_INDEX, Task
-from tailored.train.teacher import CorrectedTeacher, distillation_loss
+from tailored.train.teacher import CorrectedTeacher
 from tailored.train.transition import prune_now
 
 
@@ -101,18 +103,24 @@ def test_ties_at_the_clamp_floor_are_broken_by_the_prior_not_the_index():
 
 def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
     generator = torch.Generator().manual_seed(0)
-    teacher = torch.randn(2, 6, 10, generator=generator)
+    head = torch.nn.Linear(4, 10, bias=False)
+    teacher = torch.randn(2, 6, 4, generator=generator)  # final hidden states [B, T, d]
     labels = torch.randint(0, 10, (2, 6), generator=generator)
     labels[:, :3] = IGNORE_INDEX  # a prompt without loss
-    assert distillation_loss(teacher.clone(), teacher, labels).abs() < 1e-6
-    student = teacher + 0.5 * torch.randn(2, 6, 10, generator=generator)
-    assert distillation_loss(student, teacher, labels) > 1e-3
+    positions, targets = loss_positions(labels, IGNORE_INDEX)
+
+    def kl(student: torch.Tensor) -> torch.Tensor:
+        hidden = at_positions(student, positions)
+        return head_losses(hidden, head, targets, at_positions(teacher, positions), head)[1]
+
+    assert kl(teacher.clone()).abs() < 1e-6
+    assert kl(teacher + 0.5 * torch.randn(2, 6, 4, generator=generator)) > 1e-3
     changed_on_the_prompt = teacher.clone()
-    changed_on_the_prompt[:, :2] += torch.randn(2, 2, 10, generator=generator)  # positions 0, 1 predict prompt tokens
-    assert distillation_loss(changed_on_the_prompt, teacher, labels).abs() < 1e-6
+    changed_on_the_prompt[:, :2] += torch.randn(2, 2, 4, generator=generator)  # positions 0, 1 predict prompt tokens
+    assert kl(changed_on_the_prompt).abs() < 1e-6
     changed_on_the_answer = teacher.clone()
-    changed_on_the_answer[:, 2] += torch.randn(2, 10, generator=generator)  # position 2 predicts token 3: counted
-    assert distillation_loss(changed_on_the_answer, teacher, labels) > 1e-3
+    changed_on_the_answer[:, 2] += torch.randn(2, 4, generator=generator)  # position 2 predicts token 3: counted
+    assert kl(changed_on_the_answer) > 1e-3
 
 
 def test_prune_now_computes_what_the_masked_model_computed(tokens):

@@ -21,9 +21,11 @@ from helpers import ROOT
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 import tailored.train.module
+from tailored.core.export import pruning_report
 from tailored.core.prune import is_stock_layout, plan_pruning, prune_model
 from tailored.core.shapes import UniformShape, shape_parameter_count
 from tailored.core.structure import GateValues, parameter_count
+from tailored.core.vocabulary import trim_model
 from tailored.train.module import TailoredModule
 from tailored.train.settings import LoraSettings, OptimizerSettings, PruningSettings
 
@@ -129,3 +131,18 @@ def test_memory_arithmetic_writes_the_table_the_readme_shows(tmp_path, capsys):
     table = capsys.readouterr().out.strip()
     committed = json.loads((ROOT / "benchmarks" / "results" / "memory.json").read_text())
     assert committed["rows"] == document["rows"] and table in (ROOT / "docs" / "performance.md").read_text()
+
+
+DOMAIN_VOCABULARY = 30_000
+"""A domain vocabulary of 30k of Llama 3's 128,256 tokens (pruning.vocabulary; docs/vocabulary.md)."""
+
+
+def test_a_30k_token_domain_vocabulary_is_counted_exactly_on_the_meta_model(module):
+    gates = module.gates.target_gates()
+    pruned = trim_model(prune_model(module.model, gates), list(range(DOMAIN_VOCABULARY)))
+    report = pruning_report(module.structure, gates, kept_tokens=DOMAIN_VOCABULARY)
+    removed = (128_256 - DOMAIN_VOCABULARY) * 4096 * 2  # untied: embedding and lm_head rows
+    assert report["vocabulary"] == {"before": 128_256, "after": DOMAIN_VOCABULARY, "parameters_removed": removed}
+    assert sum(p.numel() for p in pruned.parameters()) == report["parameters"]["after"] == 4_440_330_240
+    assert report["parameters"]["after"] == PRUNED_PARAMETERS - removed
+    assert pruned.config.vocab_size == DOMAIN_VOCABULARY and pruned.lm_head.weight.device.type == "meta"

@@ -19,10 +19,11 @@ from transformers import AutoModelForCausalLM
 
 from tailored.cli import main, run
 from tailored.train.module import TailoredModule
+from tailored.train.settings import PruningSettings
 
 FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint-0.1.ckpt"
 SETTINGS = {
-    "pruning": {"target": 0.6, "round_to": 1, "recovery": 0.5},
+    "pruning": {"target": 0.6, "round_to": 1, "recovery": 0.5},  # before pruning.allocation: proportional then
     "distill": {"weight": 0.5, "teacher": "base"},
     "optimizer": {"lora_lr": 0.001},
 }
@@ -81,3 +82,11 @@ def test_a_fit_resumes_from_it_and_runs_to_the_end(tmp_path, tiny_model_dir, tin
     assert len(exports) == 1
     report = json.loads((exports[0].parent / "pruning_report.json").read_text())
     check_export(exports[0].parent, report["parameters"]["after"])
+
+
+def test_it_keeps_the_allocation_it_was_trained_with_and_another_is_named(tiny_model_dir):
+    module = TailoredModule.load_from_checkpoint(FIXTURE, model=str(tiny_model_dir), map_location="cpu")
+    assert module.pruning_settings.allocation == "proportional"  # 0.1 had no other
+    learned = PruningSettings(target=0.6, round_to=1, recovery=0.5, allocation="learned")
+    with pytest.raises(ValueError, match="written with another pruning.allocation .*tailored 0.1 used proportional"):
+        TailoredModule.load_from_checkpoint(FIXTURE, model=str(tiny_model_dir), pruning=learned, map_location="cpu")
