@@ -257,12 +257,24 @@ class PruningGates(nn.Module):
         return gates.map(lambda value: value.float())  # ranked in float64, returned as the gates' float32
 
     @torch.no_grad()
-    def target_gates(self) -> GateValues:
-        """Deterministic gates that meet the target exactly (:func:`tailored.core.targets.final_gates`)."""
+    def target_gates(self, by_importance: bool = False) -> GateValues:
+        """Deterministic gates that meet the target exactly (:func:`tailored.core.targets.final_gates`).
+
+        ``by_importance`` (uniform targets): the counts the gates reached (a learned shape) or the target shape, but
+        in every layer the units the importance scores rank highest, kept at 1; the logits only break ties."""
         if self.target is None:
             raise RuntimeError("these gates have no sparsity target")
-        gates = final_gates(self.target, self.structure, self.ranking_logits(), self.keep_probabilities())
+        ranking = self.importance_ranking() if by_importance else self.ranking_logits()
+        probs = self.keep_probabilities()
+        gates = final_gates(self.target, self.structure, ranking, probs, soft=not by_importance)
         return gates.map(lambda value: value.float())
+
+    def importance_ranking(self) -> dict[str, torch.Tensor]:
+        """The importance ranks (:meth:`init_from_scores`) with the logits added at weight :data:`TIE_BREAK`."""
+        return {
+            name: getattr(self, f"prior_{name}").double() + TIE_BREAK * value.double()
+            for name, value in self.log_alphas().items()
+        }
 
     @torch.no_grad()
     def freeze(self, gates: GateValues) -> None:

@@ -320,18 +320,23 @@ def rounded_gates(log_alphas: dict[str, torch.Tensor], probs: GateValues, prune:
 
 
 def final_gates(
-    target: SparsityTarget, structure: ModelStructure, log_alphas: dict[str, torch.Tensor], probs: GateValues
+    target: SparsityTarget,
+    structure: ModelStructure,
+    log_alphas: dict[str, torch.Tensor],
+    probs: GateValues,
+    soft: bool = True,
 ) -> GateValues:
     """Deterministic gates that meet the target: the target shape exactly (uniform; a learned one from
     :func:`learned_shape`), or the rounded counts with the globally most confident MLP channels chosen so the
-    parameter count is closest to the target (non-uniform).
+    parameter count is closest to the target (non-uniform). ``log_alphas`` rank the units; uniform gates with
+    ``soft`` False keep theirs at 1 instead of their soft value (ranking by other scores than the logits).
     """
     scores = probs.map(torch.ones_like)
     for name, log_alpha in log_alphas.items():
         setattr(scores, name, log_alpha)
     shape = learned_shape(target, structure, probs) if target.tied else target.shape
     if shape is not None:
-        gates = shape_gates(structure, shape, scores, soft=True)
+        gates = shape_gates(structure, shape, scores, soft=soft)
         for name in ("groups", "channels", "hidden", "layers"):
             if name not in target.prune:
                 setattr(gates, name, torch.ones_like(getattr(gates, name)))

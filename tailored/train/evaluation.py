@@ -30,7 +30,8 @@ class HeldOutEvaluation(L.LightningModule):
         """The gates the exported model realises: frozen ones, else those meeting the target exactly."""
         if self.target is None:
             return GateValues.ones(self.structure, device=self.device)
-        return self.gates.frozen() if self.gates.is_frozen else self.gates.target_gates()
+        importance = self.pruning_settings.final_units == "importance"  # what freezing would choose now
+        return self.gates.frozen() if self.gates.is_frozen else self.gates.target_gates(by_importance=importance)
 
     def on_validation_epoch_start(self) -> None:
         self.held_out_gates = None if self.target is None or self.pruned_now else self.evaluation_gates()

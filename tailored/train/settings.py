@@ -78,6 +78,10 @@ class PruningSettings:
     channels, hidden dims and layers to keep is learned for the domain, the same counts in every layer) or
     proportional (every pruned type keeps the same share of its units: a shape fixed before training). The
     two-stage baselines prune to the proportional shape."""
+    final_units: str = "gates"
+    """one_stage, uniform: which units fill the final shape when the gates freeze: gates (the highest gate logits,
+    at their soft values) or importance (the units the importance scores rank highest, at 1: the learned shape with
+    the two-stage baseline's choice of units)."""
     settle_steps: int | None = None
     """one_stage: decide, then prune: freeze the gates (and prune, with prune_at_recovery) as soon as the exact
     mask has stayed the same for this many control-phase steps with the budget met within 0.01; the remaining
@@ -135,6 +139,13 @@ class PruningSettings:
             raise ValueError(f"pruning.method {self.method} prunes to a uniform target shape; set uniform: true")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"pruning.allocation must be one of {', '.join(ALLOCATIONS)}; got {self.allocation!r}")
+        if self.final_units not in ("gates", "importance"):
+            raise ValueError(f"pruning.final_units must be gates or importance; got {self.final_units!r}")
+        if self.final_units == "importance" and (self.importance is None or not self.uniform):
+            raise ValueError(
+                "pruning.final_units importance fills a uniform shape by the importance scores: it needs "
+                "uniform: true and pruning.importance (taylor, magnitude or random)"
+            )
         if self.settle_steps is not None and self.settle_steps < 1:
             raise ValueError(f"pruning.settle_steps must be >= 1 (or null: no early decision), got {self.settle_steps}")
         if self.settle_steps is not None and self.method != "one_stage":

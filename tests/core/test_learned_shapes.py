@@ -14,7 +14,7 @@ from tailored.core.export import pruning_report, save_pruned
 from tailored.core.gates import PruningGates
 from tailored.core.prune import prune_model
 from tailored.core.shapes import full_shape
-from tailored.core.structure import describe, parameter_count
+from tailored.core.structure import GateValues, describe, parameter_count
 from tailored.core.targets import FRACTION_TOLERANCE, constraint_values, prunable_fraction, resolve_target
 
 UNITS = ("groups", "channels", "hidden", "layers")
@@ -135,3 +135,25 @@ def test_a_proportional_allocation_is_the_fixed_shape_of_before():
     assert learned.shape is None and learned.tied
     with pytest.raises(ValueError, match="pruning.allocation must be one of learned, proportional"):
         resolve_target(structure, UNITS, FRACTION, None, True, 1, "greedy")
+
+
+def test_importance_fills_the_learned_shape_with_the_best_scored_units_at_one():
+    _, structure, gates = model_and_gates(prune=("groups", "channels"))
+    learn(gates, SPLITS["attention halved, MLP wide"])
+    scores = GateValues.ones(structure)
+    generator = torch.Generator().manual_seed(1)
+    scores.groups = torch.rand(scores.groups.shape, generator=generator)
+    scores.channels = torch.rand(scores.channels.shape, generator=generator)
+    with torch.no_grad():  # the learned logits stay; only the importance ranks (the prior) are set
+        logits = {name: value.clone() for name, value in gates.log_alpha.items()}
+        gates.init_from_scores(scores)
+        for name, value in logits.items():
+            gates.log_alpha[name].copy_(value)
+    by_gates, by_importance = gates.target_gates(), gates.target_gates(by_importance=True)
+    for name in ("groups", "channels"):  # the same learned counts ...
+        assert torch.equal((getattr(by_gates, name) > 0).sum(-1), (getattr(by_importance, name) > 0).sum(-1))
+        kept = getattr(by_importance, name) > 0
+        score = getattr(scores, name)
+        for layer in range(structure.num_layers):  # ... filled by the best scores, at 1
+            assert score[layer][kept[layer]].min() >= score[layer][~kept[layer]].max()
+        assert set(getattr(by_importance, name).unique().tolist()) <= {0.0, 1.0}
