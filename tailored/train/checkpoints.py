@@ -8,6 +8,7 @@ into it (:mod:`tailored.train.transition`), and continues with the gate noise th
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def predates_allocation(checkpoint: dict) -> bool:
 
 def upgraded(path, map_location=None):
     """``path``, or, for a checkpoint of tailored 0.1, the checkpoint in memory with its allocation filled in
-    (:data:`LEGACY_ALLOCATION`). A sharded folder is returned as it is."""
-    if Path(path).is_dir():
+    (:data:`LEGACY_ALLOCATION`). A sharded folder, or a checkpoint already in memory (a file object), is returned
+    as it is."""
+    if not isinstance(path, str | os.PathLike) or Path(path).is_dir():
         return path
     checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False)
     if not predates_allocation(checkpoint):
