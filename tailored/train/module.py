@@ -227,7 +227,7 @@ class TailoredModule(HeldOutEvaluation):
         settled = self.settling is not None and self.settling.settled
         if not self.gates.is_frozen and (settled or self.schedule.phase(self.global_step) == "recovery"):
             self.log("sparsity/ratio_before_topk", self.gates.kept_fraction(self.gates.deterministic()))
-            self.decide(self.global_step, self.final_target_gates())
+            self.decide(self.global_step, self.final_gates())
         if self.gates.is_frozen and self.pruning_settings.prune_at_recovery and not self.pruned_now:
             self.prune_now(step=self.global_step)
 
@@ -297,15 +297,11 @@ class TailoredModule(HeldOutEvaluation):
             if self.settling is not None and self.phase() == "control":  # the step's own phase (not yet counted)
                 self.watch_decision()
 
-    def final_target_gates(self) -> GateValues:
-        """The deterministic gates freezing would choose now (``pruning.final_units`` picks what ranks the units)."""
-        return self.final_gates()
-
     def watch_decision(self) -> None:
         """Decide, then prune: record this step's exact target mask and the budget gap (tailored.train.decision)."""
         expected = self.gates.expected_parameter_count()
         gap = float(prunable_fraction(self.structure, self.target.prune, expected)) - self.target.fraction
-        if self.settling.update(self.final_target_gates(), gap):
+        if self.settling.update(self.final_gates(), gap):
             self.log("sparsity/settled_at", float(self.global_step))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
