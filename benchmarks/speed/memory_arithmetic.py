@@ -17,8 +17,10 @@ P_layer per decoder layer, P_root outside the layers, T tokens per GPU and step,
                                     root's embedding, final norm and lm_head (per-layer fully_shard, then the root)
     activations   T L A             without checkpointing
                   T (2 d L + A)     with it: every layer's bf16 input, and one layer recomputed in the backward
-    head          T (4 d + 10 V)    final RMSNorm's fp32 input; bf16 logits (2 V), their fp32 copy for the loss
-                                    (4 V) and the log-softmax kept for the backward (4 V)
+    head          8 d T + 16 C V    the chunked losses (tailored/core/losses.py): the final RMSNorm's fp32
+                                    input (4 d), the bf16 hidden states the head reads and their gradient, computed
+                                    in the forward (2 d + 2 d); four fp32 [C, V] temporaries of one chunk of
+                                    C = CHUNK_ELEMENTS // V positions (logits, log-softmax, softmax, its cast)
 
 A is what autograd keeps per token for one decoder layer in the masked training forward (bf16 activations; frozen
 base weights, which keep no input; peft's fp32 adapters, fed an fp32 copy of their input; SDPA/flash attention,
@@ -53,10 +55,11 @@ import yaml
 from transformers import LlamaConfig
 
 from tailored.core.gates import PruningGates
+from tailored.core.losses import CHUNK_ELEMENTS
 from tailored.core.structure import GateValues, ModelStructure, parameter_count, structure_from_config
 from tailored.core.targets import resolve_target
 from tailored.data.datamodule import DomainData
-from tailored.train.settings import LoraSettings, PruningSettings
+from tailored.train.settings import HEAD_TEMPORARIES, LoraSettings, PruningSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -155,7 +158,8 @@ def model_sizes(name: str, settings: dict) -> dict:
         "gate_buffer_entries": sum(b.numel() for b in gates.buffers() if b.is_floating_point()),
         "target_shape": asdict(target.shape),
         "activation_bytes_per_token_per_layer": layer_activation_bytes(structure, rank, targets),
-        "head_bytes_per_token": 4 * structure.hidden_size + 10 * structure.vocab_size,
+        "head_bytes_per_token": 8 * structure.hidden_size,
+        "head_chunk_bytes": HEAD_TEMPORARIES * 4 * (CHUNK_ELEMENTS // structure.vocab_size) * structure.vocab_size,
     }
 
 
@@ -174,7 +178,7 @@ def per_gpu_bytes(sizes: dict, tokens: int, strategy: str, gpus: int, checkpoint
         "ddp_buckets": 4 * trainable if strategy == "ddp" and gpus > 1 else 0,
         "fsdp_gather": gather if strategy == "fsdp" else 0,
         "activations": tokens * kept_inputs,
-        "head": tokens * sizes["head_bytes_per_token"],
+        "head": tokens * sizes["head_bytes_per_token"] + sizes["head_chunk_bytes"],
     }
 
 

@@ -13,6 +13,7 @@ import torch
 from tailored.core.gates import LOGIT_SOURCES, UNIT_TYPES
 from tailored.core.importance import CRITERIA
 from tailored.core.lora import PROJECTIONS
+from tailored.core.losses import CHUNK_ELEMENTS
 from tailored.core.structure import ModelStructure, structure_from_config
 from tailored.core.targets import ALLOCATIONS, SparsityTarget, resolve_target
 from tailored.models import check_model_name, is_pruned_export, load_config
@@ -144,7 +145,7 @@ class PruningSettings:
         if self.final_units == "importance" and (self.importance is None or not self.uniform):
             raise ValueError(
                 "pruning.final_units importance fills a uniform shape by the importance scores: it needs "
-                "uniform: true and pruning.importance (taylor, magnitude or random)"
+                "uniform: true and pruning.importance (taylor, magnitude or random); or set final_units: gates"
             )
         if self.settle_steps is not None and self.settle_steps < 1:
             raise ValueError(f"pruning.settle_steps must be >= 1 (or null: no early decision), got {self.settle_steps}")
@@ -374,6 +375,9 @@ output, MLP inputs): a lower bound of what a LLaMA layer keeps (about 20 for Smo
 benchmarks/speed/memory_arithmetic.py), so that only clear overshoots are refused."""
 CHECKPOINTED_ACTIVATION_FACTOR = 1
 """The same with gradient checkpointing: each layer keeps its input only."""
+HEAD_TEMPORARIES = 4
+"""``[C, V]`` float32 tensors the chunked LM loss holds at once (tailored.core.losses.HeadLosses: the logits, the
+cross-entropy's log-softmax, the softmax that becomes their gradient, its cast); distillation about doubles them."""
 
 
 def training_memory(
@@ -390,10 +394,13 @@ def training_memory(
 
         weights     = parameters * bytes(dtype) / shards              frozen base weights (FSDP: sharded)
         lora        = 4 * 4 bytes * rank * layers * sum(in + out)     fp32 adapters, gradients, two Adam moments
-        logits      = 3 * 4 bytes * B * T * vocab * (2 if distill)    fp32 logits, the loss's softmax, their gradient
+        head        = k * 4 bytes * min(B * T, C) * vocab             the chunked losses' fp32 [C, vocab] temporaries
+                      + 8 bytes * B * T * hidden                      (k = 4, 8 with distill; C = CHUNK_ELEMENTS //
+                                                                      vocab): the final norm's fp32 input, the hidden
+                                                                      states the head reads and their gradient
         activations = c * bytes(dtype) * B * T * hidden * layers      kept for the backward; twice with the
                       * (2 if distill.teacher is corrected)           corrected teacher (a backward of its own)
-        total       = weights + lora + logits + activations
+        total       = weights + lora + head + activations
 
     ``c`` is :data:`ACTIVATION_FACTOR`, or :data:`CHECKPOINTED_ACTIVATION_FACTOR` with gradient checkpointing;
     ``lora`` sums over the projections in ``lora.targets``; ``B``, ``T``: ``data.batch_size``, ``data.seq_len``.
@@ -404,11 +411,13 @@ def training_memory(
                   if name in lora.targets)  # fmt: skip
     weights = parameter_count(config) * width // shards
     adapters = 4 * 4 * lora.rank * adapted * layers
-    logits = 3 * 4 * tokens * config.vocab_size * (2 if distill is not None else 1)
+    temporaries = HEAD_TEMPORARIES * (2 if distill is not None else 1)
+    head = temporaries * 4 * min(tokens, CHUNK_ELEMENTS // config.vocab_size) * config.vocab_size
+    head += 8 * tokens * config.hidden_size
     factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else ACTIVATION_FACTOR
     corrected = distill is not None and distill.teacher == "corrected"
     activations = factor * width * tokens * config.hidden_size * layers * (2 if corrected else 1)
-    return weights + adapters + logits + activations
+    return weights + adapters + head + activations
 
 
 def available_memory(device: torch.device) -> int | None:
