@@ -4,6 +4,7 @@
     python benchmarks/speed/speed.py --device cuda              # bf16, plus training tokens/s and MFU of a ~1B Llama
     python benchmarks/speed/speed.py --smoke --out /tmp/s.json  # seconds, tiny random Llama (what the CI test runs)
     python benchmarks/speed/speed.py --only train export        # some sections (the JSON then holds only those)
+    python benchmarks/speed/speed.py --only train --compile --out benchmarks/results/speed-compile-cpu.json
 
 Sections (each module's docstring says how it measures):
 
@@ -38,7 +39,7 @@ import transformers
 from speed_export import measure_export, measure_scaling
 from speed_inference import measure_inference, worst_prefill_vs_ideal
 from speed_measure import random_llama
-from speed_train import ONE_B, measure_packing, measure_throughput, measure_training
+from speed_train import ONE_B, SIDES, measure_packing, measure_throughput, measure_training
 
 from tailored.models import EMBEDDED_SMOLLM2, load_model
 
@@ -104,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=EMBEDDED_SMOLLM2, help="model of the train, pruned and export sections")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, one repeat: seconds, for CI")
+    parser.add_argument(
+        "--compile", nargs="?", const="inductor", help="also time tailored with model.compile (this backend)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed.json")
     args = parser.parse_args()
@@ -137,7 +141,10 @@ def run_sections(args: argparse.Namespace, settings: dict, model: str, work: Pat
     if "train" in args.only:
         print("train: one optimiser step, tailored vs plain LoRA", flush=True)
         rounds, shape = settings["train_rounds"], settings["train_shape"]
-        results["train"] = measure_training(model, args.dtype, device, shape, rounds, profiles=settings["profiles"])
+        sides = SIDES + (("tailored_compiled",) if args.compile else ())
+        results["train"] = measure_training(
+            model, args.dtype, device, shape, rounds, sides, settings["profiles"], args.compile or "inductor"
+        )
         print("train: tokens of real data per second, packed vs padded medical batches", flush=True)
         steps, rounds = settings["packing_steps"], settings["packing_rounds"]
         results["train"]["packing"] = measure_packing(model, args.dtype, device, MEDICAL, steps, rounds)
@@ -172,6 +179,8 @@ def headline(results: dict) -> dict:
         figures["train_step_time_ratio_distill"] = sides["tailored_distill"]["step_time_ratio"]
         figures["train_peak_memory_ratio_distill"] = sides["tailored_distill"]["peak_memory_ratio"]
         figures["packed_real_tokens_per_second_ratio"] = results["train"]["packing"]["real_tokens_per_second_ratio"]
+        if "tailored_compiled" in sides:
+            figures["compiled_step_time_ratio"] = sides["tailored_compiled"]["step_time_ratio_vs_tailored"]
     if "pruned" in results:
         figures["prefill_speedup_vs_ideal"] = worst_prefill_vs_ideal(results["pruned"])
     if "export" in results:

@@ -6,6 +6,8 @@ exactly what ``tailored fit`` runs (forward, backward, optimiser step, logit cla
     lora               pruning: null (the plain-LoRA baseline: no gates, no hooks, no regulariser)
     tailored           gates sampled and applied by hooks, sparsity Lagrangian, LoRA
     tailored_distill   the same + distillation from the dense teacher (one more forward, the KL on the logits)
+    tailored_compiled  tailored with model.compile (``--compile``): its decoder layers compiled, timed after the
+                       warm-up fit that compiles them; its time is also a ratio against ``tailored``
 
 Drift cancels by alternation: each round fits every side for one timed step, starting one side later each round.
 Profiled fits then measure a step's peak memory above the static state (see speed_measure) and the operators it
@@ -110,12 +112,14 @@ class StepMeter(L.Callback):
         self._stack.close()
 
 
-def build_side(name: str, model: str, dtype: str) -> TailoredModule:
+def build_side(name: str, model: str, dtype: str, backend: str = "inductor") -> TailoredModule:
     """One side's module with its model loaded. The pruning sides skip the importance pass (a one-off cost before
-    the first step) and the recovery phase (no transition to a smaller model: every step is a gated one)."""
+    the first step) and the recovery phase (no transition to a smaller model: every step is a gated one).
+    ``backend``: the compiled side's ``torch.compile`` backend."""
     pruning = None if name == "lora" else PruningSettings(importance=None, recovery=0.0)
     distill = DistillSettings() if name == "tailored_distill" else None
-    module = TailoredModule(model=model, dtype=dtype, pruning=pruning, distill=distill)
+    compile = backend if name == "tailored_compiled" else False
+    module = TailoredModule(model=model, dtype=dtype, pruning=pruning, distill=distill, compile=compile)
     module.configure_model()
     return module
 
@@ -157,7 +161,14 @@ def median_ops(profiles: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measure_training(
-    model: str, dtype: str, device: torch.device, shape: tuple[int, int], rounds: int, sides=SIDES, profiles: int = 2
+    model: str,
+    dtype: str,
+    device: torch.device,
+    shape: tuple[int, int],
+    rounds: int,
+    sides=SIDES,
+    profiles: int = 2,
+    backend: str = "inductor",
 ) -> dict:
     """Median step time, memory and a per-op profile of every side; ratios against the ``lora`` side (time: the
     median over rounds of the ratio within a round).
@@ -167,7 +178,7 @@ def measure_training(
     ~10 ms of a multi-second step). Then ``profiles`` alternated rounds profile a step of every side.
     """
     quiet()
-    modules = {name: build_side(name, model, dtype) for name in sides}
+    modules = {name: build_side(name, model, dtype, backend) for name in sides}
     batch = random_batch(modules["lora"].structure_hint.vocab_size, *shape)
     skip = 1 if device.type == "cuda" else 0
     for name in sides:
@@ -206,6 +217,12 @@ def measure_training(
     if "tailored_distill" in sides:
         extra = extra_ops(ops["tailored_distill"], ops["tailored"])
         result["sides"]["tailored_distill"]["profiled_extra_ms_by_op_vs_tailored"] = extra
+    if "tailored_compiled" in sides:
+        paired = [mine / eager for mine, eager in zip(times["tailored_compiled"], times["tailored"], strict=True)]
+        result["sides"]["tailored_compiled"] |= {
+            "backend": backend,
+            "step_time_ratio_vs_tailored": round(statistics.median(paired), 3),
+        }
     return result
 
 

@@ -53,13 +53,14 @@ class GateHooks:
         base = unwrap(model)
         self._embedding = base.model.embed_tokens  # its weight's device is where the activations are
         self._handles = [base.model.embed_tokens.register_forward_hook(self._scale_embedding)]
-        for index, layer in enumerate(base.model.layers):
+        self._layers = [_LayerGates() for _ in base.model.layers]
+        for layer, gates in zip(base.model.layers, self._layers, strict=True):
             attn_out, mlp_out = layer.self_attn.o_proj, layer.mlp.down_proj
             self._handles += [
-                attn_out.register_forward_pre_hook(self._gate_input("groups", index)),
-                attn_out.register_forward_hook(self._gate_output("attn", index)),
-                mlp_out.register_forward_pre_hook(self._gate_input("channels", index)),
-                mlp_out.register_forward_hook(self._gate_output("mlp", index)),
+                attn_out.register_forward_pre_hook(gates.gate_input("group_input")),
+                attn_out.register_forward_hook(gates.gate_output("attn_output")),
+                mlp_out.register_forward_pre_hook(gates.gate_input("channels")),
+                mlp_out.register_forward_hook(gates.gate_output("mlp_output")),
             ]
         for norm in [base.model.norm] + [n for layer in base.model.layers for n in _layer_norms(layer)]:
             self._handles += [
@@ -87,10 +88,14 @@ class GateHooks:
         check_gate_shapes(self.structure, gates)
         device = self._embedding.weight.device
         self._values = _ActiveGates(self.structure, gates.map(lambda value: value.to(device)), hidden_gated)
+        for index, layer in enumerate(self._layers):
+            layer.activate(self._values, index)
 
     def deactivate(self) -> None:
         """Back to the dense forward."""
         self._values = None
+        for layer in self._layers:
+            layer.deactivate()
 
     def remove(self) -> None:
         """Detach every hook from the model."""
@@ -106,24 +111,6 @@ class GateHooks:
             return None
         return output * self._values.hidden.to(output.dtype)
 
-    def _gate_input(self, kind: str, index: int):
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
-            if self._values is None:
-                return None
-            gate = self._values.group_input[index] if kind == "groups" else self._values.channels[index]
-            return (args[0] * gate.to(args[0].dtype), *args[1:])
-
-        return hook
-
-    def _gate_output(self, kind: str, index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self._values is None:
-                return None
-            scale = self._values.attn_output[index] if kind == "attn" else self._values.mlp_output[index]
-            return output * scale.to(output.dtype)
-
-        return hook
-
     def _scale_norm_input(self, module: nn.Module, args: tuple) -> tuple | None:
         if self._values is None or self._values.norm_scale is None:
             return None
@@ -133,6 +120,47 @@ class GateHooks:
         if self._values is None or self._values.norm_scale is None:
             return None
         return output / self._values.norm_scale
+
+
+class _LayerGates:
+    """One decoder layer's rows of the active :class:`_ActiveGates` (None while the hooks pass through), read by
+    that layer's hooks. The hooks hold this object, not the layer's index: ``torch.compile`` treats an int it reads
+    as a constant, so an index would compile every layer's code once per layer; tensors read from this object are
+    graph inputs, and every layer shares one graph."""
+
+    ROWS = ("group_input", "channels", "attn_output", "mlp_output")
+
+    def __init__(self) -> None:
+        self.deactivate()
+
+    def activate(self, values: _ActiveGates, index: int) -> None:
+        for name in self.ROWS:
+            setattr(self, name, getattr(values, name)[index])
+
+    def deactivate(self) -> None:
+        self.group_input = self.channels = self.attn_output = self.mlp_output = None
+
+    def gate_input(self, name: str):
+        """A forward pre-hook multiplying the module's input by this layer's row ``name`` (``[H*dh]`` or ``[f]``)."""
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            gate = getattr(self, name)
+            if gate is None:
+                return None
+            return (args[0] * gate.to(args[0].dtype), *args[1:])
+
+        return hook
+
+    def gate_output(self, name: str):
+        """A forward hook multiplying the module's output by this layer's row ``name`` (``[d]`` or ``[1]``)."""
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            scale = getattr(self, name)
+            if scale is None:
+                return None
+            return output * scale.to(output.dtype)
+
+        return hook
 
 
 class _ActiveGates:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
+from tailored.core.compilation import CompiledLayers
 from tailored.core.gates import PruningGates
 from tailored.core.lora import lora_config, lora_state
 from tailored.core.losses import at_positions, final_hidden_states, head_losses, output_head
@@ -41,6 +42,7 @@ from tailored.train.settings import (
     PruningSettings,
     check_fit,
     check_settings,
+    compile_backend,
     model_target,
 )
 from tailored.train.sharding import average_gradients, is_sharded, shard
@@ -60,6 +62,9 @@ class TailoredModule(HeldOutEvaluation):
         optimizer: learning rates.
         distill: distillation from the dense model (gates off); null trains on the LM loss alone.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        compile: ``torch.compile`` every decoder layer for training, the gate hooks and LoRA inside its graph
+            (tailored.core.compilation); the pruned model is compiled again after the transition. ``true`` uses
+            inductor; a string names another backend (``aot_eager``, ``cudagraphs``).
     """
 
     def __init__(
@@ -71,12 +76,15 @@ class TailoredModule(HeldOutEvaluation):
         optimizer: OptimizerSettings | None = None,
         distill: DistillSettings | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.lora_settings, self.optimizer_settings = lora or LoraSettings(), optimizer or OptimizerSettings()
         self.pruning_settings, self.distill_settings = pruning, distill
         check_settings(self.lora_settings, pruning, self.optimizer_settings, distill, dtype, gradient_checkpointing)
         self.model_name, self.dtype_name, self.gradient_checkpointing = model, dtype, gradient_checkpointing
+        self.compile_backend = compile_backend(compile)  # not self.compile: that is nn.Module's method
+        self.compiled_layers: CompiledLayers | None = None  # model.compile: the training step's layer forwards
         # cheap checks before any weight is loaded: the name, the architecture, the target; no structure (None) for
         # a non-uniform export, which is tuned and evaluated as it is
         self.structure_hint, self.target = model_target(model, pruning)
@@ -132,6 +140,8 @@ class TailoredModule(HeldOutEvaluation):
             self.hooks = GateHooks(self.model)
         if is_sharded(self):  # FSDP2: after the hooks and the structure, which read whole modules
             shard(self.model, self.trainer.strategy)
+        if self.compile_backend is not None:  # after sharding: each layer's graph then holds its unit's gathers
+            self.compiled_layers = CompiledLayers(self.model, self.compile_backend)
 
     @property
     def tokenizer(self):
@@ -190,6 +200,8 @@ class TailoredModule(HeldOutEvaluation):
         fresh_lora = self.lora_config() if self.pruning_settings.recovery_weights == "lora" else None
         pruned = prune_now(self.model, gates, fresh_lora, self.gradient_checkpointing)
         self.hooks.remove()
+        if self.compile_backend is not None:
+            self.compiled_layers = CompiledLayers(pruned, self.compile_backend)
         dense, self.model = self.model, pruned
         mask_training_logits(self)
         self.teacher = None if self.distill_settings is None else kept_teacher(dense, self.distill_settings.teacher)
@@ -245,6 +257,8 @@ class TailoredModule(HeldOutEvaluation):
         if self.target is not None and not self.pruned_now:  # gates on until on_after_backward (checkpointing)
             gates = self.gates.frozen() if self.gates.is_frozen else self.gates.sample()
             self.hooks.activate(gates, hidden_gated="hidden" in self.gates.prune)
+        if self.compiled_layers is not None:  # on until on_after_backward too
+            self.compiled_layers.activate()
         hidden = at_positions(final_hidden_states(self.model, batch), positions)  # [N, d]
         head = output_head(self.model)
         if teacher is None:
@@ -277,6 +291,8 @@ class TailoredModule(HeldOutEvaluation):
         return regulariser
 
     def on_after_backward(self) -> None:
+        if self.compiled_layers is not None:
+            self.compiled_layers.deactivate()
         if self.target is None:
             return
         self.hooks.deactivate()

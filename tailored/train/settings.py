@@ -257,6 +257,20 @@ def check_settings(
         raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
 
 
+def compile_backend(compile: bool | str) -> str | None:
+    """The ``torch.compile`` backend ``model.compile`` asks for (``true``: inductor), or None for no compiling;
+    a one-line error for a backend torch does not have."""
+    if compile is False:
+        return None
+    backend = "inductor" if compile is True else compile
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # the debugging ones (aot_eager) too
+        raise ValueError(
+            f"model.compile {compile!r} is not a torch.compile backend; use true (inductor), false, or one of "
+            f"{', '.join(torch._dynamo.list_backends())}, aot_eager"
+        )
+    return backend
+
+
 def check_fit(
     max_steps: int | None,
     pruning: PruningSettings | None,

@@ -123,6 +123,8 @@ CASES = [
     ("test -c {config} --model.lora.rank 100000", r"lora.rank 100000 is larger than k_proj's width 16"),
     ("fit -c {config} --data.batch_size 100000000",
      r"a training step needs about [0-9.]+ GiB but the machine has [0-9.]+ GiB free; use a smaller data.batch_size"),
+    ("fit -c {config} --model.compile inductorr",
+     r"model.compile 'inductorr' is not a torch.compile backend; use true \(inductor\), false, or one of"),
     ("fit -c {config} --model.lora.targets [foo]", r"lora.targets \['foo'\] are not projections; choose from"),
     ("fit -c {config} --model.optimizer.lora_lr -1", r"optimizer.lora_lr must be positive, got -1.0"),
     ("fit -c {config} --model.distill.weight 1.5", r"distill.weight is the share of the distillation loss, in"),

@@ -34,7 +34,7 @@ def test_smoke_run_writes_every_section_and_the_headline(tmp_path):
     out = tmp_path / "speed.json"
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     script = ROOT / "benchmarks" / "speed" / "speed.py"
-    command = [sys.executable, str(script), "--smoke", "--device", "cpu", "--out", str(out)]
+    command = [sys.executable, str(script), "--smoke", "--device", "cpu", "--compile", "aot_eager", "--out", str(out)]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(out.read_text())
@@ -42,7 +42,9 @@ def test_smoke_run_writes_every_section_and_the_headline(tmp_path):
         assert document[key] > 0
         assert "met" in document["targets"][key]
     assert document["machine"]["torch_threads"] == 1
-    assert set(document["train"]["sides"]) == {"lora", "tailored", "tailored_distill"}
+    assert set(document["train"]["sides"]) == {"lora", "tailored", "tailored_distill", "tailored_compiled"}
+    assert document["train"]["sides"]["tailored_compiled"]["backend"] == "aot_eager"
+    assert document["compiled_step_time_ratio"] > 0  # compiled vs eager tailored, the same run
     assert document["packed_real_tokens_per_second_ratio"] > 0  # packed vs padded medical batches, same examples
     packing = document["train"]["packing"]
     assert packing["packed"]["tokens"] <= packing["padded"]["tokens"]

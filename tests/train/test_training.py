@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT, TARGET, scalars, write_config
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 import tailored.train.module
@@ -307,3 +308,31 @@ def test_a_non_uniform_export_is_evaluated_by_test_and_recovery_with_general_tex
 
     with pytest.raises(ValueError, match="non-uniform tailored export .* cannot be pruned again"):
         run(["fit", "-c", str(evaluation), "--model.pruning.target", "0.5"])
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_the_same_model_through_the_transition(tmp_path, tiny_model_dir, tiny_text):
+    """model.compile (aot_eager here: the graphs inductor would generate code for, without the minutes of C++) on
+    the dense masked model, then on the pruned one after the transition, packed batches (the default): the same
+    trained state and export as eager."""
+    trained, exports, graphs = [], [], []
+    for backend in (False, "aot_eager"):
+        torch._dynamo.reset()
+        counters.clear()
+        root = tmp_path / str(backend)
+        model = {"model": str(tiny_model_dir), "pruning": {"target": TARGET, "round_to": 1}, "compile": backend}
+        trainer = {"accelerator": "cpu", "max_steps": 10, "limit_val_batches": 0, "default_root_dir": str(root)}
+        root.mkdir()
+        config = write_config(root / "tiny.yaml", tiny_model_dir, tiny_text, model=model, trainer=trainer)
+        run(["fit", "-c", str(config), "--trainer.enable_progress_bar", "false"])
+        state = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        trained.append({name: value for name, value in state.items() if "gates." in name or "lora_" in name})
+        exports.append(AutoModelForCausalLM.from_pretrained(next(root.rglob("export"))).state_dict())
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == 0 and 2 <= graphs[1] <= 4, graphs  # the masked and the pruned layers' graphs, not one per layer
+    assert trained[0].keys() == trained[1].keys() and any("lora_B" in name for name in trained[0])
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert exports[0].keys() == exports[1].keys()
+    for name, value in exports[0].items():
+        torch.testing.assert_close(exports[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
