@@ -33,14 +33,19 @@ RIVAL = "quickstart-clean/taylor-0.7"
 SEED = re.compile(r"seed-(\d+)")
 
 
-def seed_cells(folders: list[Path]) -> dict[int, dict[str, dict]]:
+def seed_cells(folders: list[Path], aliases: dict[str, str] | None = None) -> dict[int, dict[str, dict]]:
     """Seed -> ``<folder>/<cell>`` -> cell, for every ``seed-<n>/quality-quickstart/cells/*.json`` under
-    ``folders``."""
+    ``folders``. ``aliases`` renames a row to another (the same cell definition made by another run, e.g. more
+    seeds): their seeds then pool in one row; a seed found under both names is an error."""
     found: dict[int, dict[str, dict]] = {}
     for folder in folders:
         for path in sorted(folder.glob("seed-*/quality-quickstart/cells/*.json")):
             seed = int(SEED.fullmatch(path.parents[2].name).group(1))
-            found.setdefault(seed, {})[f"{folder.name}/{path.stem}"] = json.loads(path.read_text())
+            name = f"{folder.name}/{path.stem}"
+            name = (aliases or {}).get(name, name)
+            if name in found.get(seed, {}):
+                raise SystemExit(f"seed {seed} has two cells named {name} ({path}): drop an alias or a folder")
+            found.setdefault(seed, {})[name] = json.loads(path.read_text())
     return found
 
 
@@ -50,7 +55,10 @@ def tuned(cells: dict[str, dict]) -> dict | None:
 
 
 def mean_with_errors(rows: list[dict]) -> str:
-    """Mean value over seeds ± the pooled test-row error sqrt(sum stderr^2) / seeds, and the seeds' spread."""
+    """Mean value over seeds ± the pooled test-row error sqrt(sum stderr^2) / seeds, and the seeds' spread (empty
+    without rows: cells made before validation figures)."""
+    if not rows:
+        return ""
     values = [row["value"] for row in rows]
     error = math.sqrt(sum(row["stderr"] ** 2 for row in rows)) / len(rows)
     spread = f", spread {statistics.stdev(values):.1f}" if len(values) > 1 else ""
@@ -76,9 +84,9 @@ def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
     return f"{sum(differences) / len(differences):+.1f} ± {error:.1f} ({len(differences)} seeds)"
 
 
-def table(folders: list[Path]) -> str:
+def table(folders: list[Path], aliases: dict[str, str] | None = None) -> str:
     """The Markdown table of every row found, in the order of first appearance."""
-    runs = seed_cells(folders)
+    runs = seed_cells(folders, aliases)
     names = list(dict.fromkeys(name for seed in sorted(runs) for name in runs[seed]))
     lines = [
         "| cell | parameters | seeds | test perplexity per seed | test mean ± error | validation mean ± error | "
@@ -103,8 +111,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="folders of seed-<n> quality.py outputs")
     parser.add_argument("--out", type=Path, help="also write the table (with its command) to this Markdown file")
+    parser.add_argument(
+        "--alias",
+        nargs="*",
+        default=[],
+        metavar="ROW=AS",
+        help="pool row ROW's seeds into row AS (the same cell definition, e.g. more-seeds/lora=quickstart-clean/lora)",
+    )
     args = parser.parse_args()
-    markdown = table(args.folders)
+    aliases = dict(alias.split("=", 1) for alias in args.alias)
+    markdown = table(args.folders, aliases)
     print(markdown)
     if args.out:
         command = " ".join(["python", "benchmarks/quality/quickstart_table.py", *sys.argv[1:]])

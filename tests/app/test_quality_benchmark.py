@@ -254,3 +254,20 @@ def test_a_model_that_always_answers_one_label_has_zero_share_and_the_tuned_mode
     at_chance = medical_cell("lora", None, 0, 0.0)  # a tuned model without skill: PubMedQA is unmeasurable
     document, markdown = quality.tables([at_chance, constant], "medical", ["# header"])
     assert document["rows"][1]["unmeasurable"] == ["pubmedqa"] and "unmeasurable with the lora reference" in markdown
+
+
+def test_the_quickstart_table_pools_an_aliased_rows_seeds_and_refuses_a_seed_twice(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quickstart_table", ROOT / "benchmarks/quality/quickstart_table.py")
+    table = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "quality"))
+    spec.loader.exec_module(table)
+    for folder, seed, value in [("first", 0, 60.0), ("first", 1, 62.0), ("more", 2, 64.0)]:
+        cells = tmp_path / folder / f"seed-{seed}" / "quality-quickstart" / "cells"
+        cells.mkdir(parents=True)
+        (cells / "taylor-0.7.json").write_text(json.dumps(row("taylor", 0.7, value, 1.0)))
+    folders = [tmp_path / "first", tmp_path / "more"]
+    markdown = table.table(folders, {"more/taylor-0.7": "first/taylor-0.7"})
+    assert "| first/taylor-0.7 | 10 | 0, 1, 2 | 60.0 / 62.0 / 64.0 | 62.0 ± 0.6, spread 2.0 |" in markdown
+    assert "more/" not in markdown
+    with pytest.raises(SystemExit, match="seed 0 has two cells named first/taylor-0.7"):
+        table.seed_cells([tmp_path / "first", tmp_path / "first"], {})
