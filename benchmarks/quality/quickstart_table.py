@@ -10,9 +10,10 @@ quickstart`` run for that seed (older runs) or the ``seed-<n>`` folders of a mul
 so the same method run with other settings (another folder) gets its own row. Per row: the test perplexity of each
 seed, the mean with the pooled test-row error sqrt(sum of squared errors) / seeds (the spread between seeds, training
 noise, next to it), the same for the validation rows, and the seed-paired difference of "% of tuned" from two-stage
-Taylor (``quickstart-clean/taylor-0.7``, the same parameter count) with its paired bootstrap error pooled over
-seeds. The tuned reference of every seed is that seed's ``lora`` cell, found in any folder. Defaults are chosen on the
-validation columns.
+Taylor (``quickstart-clean/taylor-0.7``, the same parameter count) with its 95% interval over seeds and test rows
+(``quality_summary.py``'s). The tuned reference of every seed is that seed's ``lora`` cell, found in any folder.
+``--alias`` pools the seeds of one cell definition made by several runs. Defaults are chosen on the validation
+columns.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import paired_difference  # noqa: E402  (benchmarks/ is a folder of scripts)
+from quality import paired_difference, resampled_average  # noqa: E402  (benchmarks/ is a folder of scripts)
+from quality_summary import formatted, interval  # noqa: E402
 
 TASK = "botchan"
 RIVAL = "quickstart-clean/taylor-0.7"
@@ -66,22 +68,25 @@ def mean_with_errors(rows: list[dict]) -> str:
 
 
 def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
-    """Mean over seeds of (this row's % of tuned) - (Taylor's), paired per seed, ± the pooled paired error."""
+    """Mean over seeds of (this row's % of tuned) - (Taylor's), paired per seed, with the 95% interval of
+    ``benchmarks/quality/quality_summary.py`` (seed variance / n plus the row variance of the seed mean: the seeds
+    share the test rows, so their row noise does not shrink with more seeds)."""
     if name == RIVAL or name.endswith(("/lora", "/dense")):
         return ""
-    differences, errors = [], []
+    differences, resampled = [], []
     for cells in runs.values():
         reference = tuned(cells)
         if name not in cells or RIVAL not in cells or reference is None:
             continue
-        found = paired_difference(cells[name], cells[RIVAL], reference, [TASK], {TASK: None})
-        if found is not None:
-            differences.append(found[0])
-            errors.append(found[1])
+        rows = (cells[name], cells[RIVAL], reference)
+        if paired_difference(*rows, [TASK], {TASK: None}) is None:
+            continue
+        mine, rival = (resampled_average(cell, reference, [TASK], {TASK: None}) for cell in rows[:2])
+        differences.append(paired_difference(*rows, [TASK], {TASK: None})[0])
+        resampled.append(mine - rival)
     if not differences:
         return ""
-    error = math.sqrt(sum(e**2 for e in errors)) / len(errors)
-    return f"{sum(differences) / len(differences):+.1f} ± {error:.1f} ({len(differences)} seeds)"
+    return f"{formatted(interval(differences, resampled))} ({len(differences)} seeds)"
 
 
 def table(folders: list[Path], aliases: dict[str, str] | None = None) -> str:
@@ -90,7 +95,7 @@ def table(folders: list[Path], aliases: dict[str, str] | None = None) -> str:
     names = list(dict.fromkeys(name for seed in sorted(runs) for name in runs[seed]))
     lines = [
         "| cell | parameters | seeds | test perplexity per seed | test mean ± error | validation mean ± error | "
-        "% of tuned minus Taylor's (paired, points) |",
+        "% of tuned minus Taylor's (paired, points [95% interval]) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in names:
