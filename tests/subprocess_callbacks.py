@@ -23,14 +23,15 @@ class KillAfterStep(L.Callback):
 
 
 class RecordStart(L.Callback):
-    """Save the step, the gates' state and the first training batch as the (resumed) run starts."""
+    """Save the step, the gates' state and the first training batch as the (resumed) run starts: rank 0's, so that
+    several processes do not write one file at once (which left it corrupt when two ranks raced)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.recorded = False
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if self.recorded:
+        if self.recorded or not trainer.is_global_zero:
             return
         self.recorded = True
         gates = {name: value.detach().clone() for name, value in module.gates.state_dict().items()}
