@@ -8,7 +8,8 @@ rows are graph inputs, and the layers share one graph, two when the first layer'
 frozen embedding's output) and the others' does. Compiled per layer rather than as a whole model so that the
 embedding, the final norm, the chunked losses (tailored.core.losses) and FSDP's per-layer units stay outside.
 
-The compiled forwards run only inside :meth:`CompiledLayers.active`, which the training step enters: the other
+The compiled forwards run only between :meth:`CompiledLayers.activate` and :meth:`CompiledLayers.deactivate`,
+which the training step and its backward pass do (tailored.train.module): the other
 forwards of a run (the importance pass, validation and test, the decision's masked loss, the fit summary) keep the
 eager code. Several of them run with a KV cache, which transformers indexes by the layer's number, so compiling
 them would mean one graph per layer, for a small share of a run's time. After the mid-run transition
