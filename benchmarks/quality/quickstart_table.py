@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import paired_difference, resampled_average  # noqa: E402  (benchmarks/ is a folder of scripts)
+from quality import paired, resampled_average, skill_average  # noqa: E402  (benchmarks/ is a folder of scripts)
 from quality_summary import formatted, interval  # noqa: E402
 
 TASK = "botchan"
@@ -78,12 +78,15 @@ def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
         reference = tuned(cells)
         if name not in cells or RIVAL not in cells or reference is None:
             continue
-        rows = (cells[name], cells[RIVAL], reference)
-        if paired_difference(*rows, [TASK], {TASK: None}) is None:
+        mine, rival = cells[name], cells[RIVAL]
+        if not (paired(mine, reference, TASK) and paired(rival, reference, TASK)):
             continue
-        mine, rival = (resampled_average(cell, reference, [TASK], {TASK: None}) for cell in rows[:2])
-        differences.append(paired_difference(*rows, [TASK], {TASK: None})[0])
-        resampled.append(mine - rival)
+        shares = [
+            (skill_average(c, reference, [TASK], {}), resampled_average(c, reference, [TASK], {}))
+            for c in (mine, rival)
+        ]
+        differences.append(shares[0][0] - shares[1][0])
+        resampled.append(shares[0][1] - shares[1][1])
     if not differences:
         return ""
     return f"{formatted(interval(differences, resampled))} ({len(differences)} seeds)"

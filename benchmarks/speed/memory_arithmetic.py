@@ -55,11 +55,10 @@ import yaml
 from transformers import LlamaConfig
 
 from tailored.core.gates import PruningGates
-from tailored.core.losses import CHUNK_ELEMENTS
 from tailored.core.structure import GateValues, ModelStructure, parameter_count, structure_from_config
 from tailored.core.targets import resolve_target
 from tailored.data.datamodule import DomainData
-from tailored.train.settings import HEAD_TEMPORARIES, LoraSettings, PruningSettings
+from tailored.train.settings import LoraSettings, PruningSettings, head_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -158,8 +157,6 @@ def model_sizes(name: str, settings: dict) -> dict:
         "gate_buffer_entries": sum(b.numel() for b in gates.buffers() if b.is_floating_point()),
         "target_shape": asdict(target.shape),
         "activation_bytes_per_token_per_layer": layer_activation_bytes(structure, rank, targets),
-        "head_bytes_per_token": 8 * structure.hidden_size,
-        "head_chunk_bytes": HEAD_TEMPORARIES * 4 * (CHUNK_ELEMENTS // structure.vocab_size) * structure.vocab_size,
     }
 
 
@@ -178,7 +175,7 @@ def per_gpu_bytes(sizes: dict, tokens: int, strategy: str, gpus: int, checkpoint
         "ddp_buckets": 4 * trainable if strategy == "ddp" and gpus > 1 else 0,
         "fsdp_gather": gather if strategy == "fsdp" else 0,
         "activations": tokens * kept_inputs,
-        "head": tokens * sizes["head_bytes_per_token"] + sizes["head_chunk_bytes"],
+        "head": head_bytes(tokens, structure["hidden_size"], structure["vocab_size"], distill=False),
     }
 
 

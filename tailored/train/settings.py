@@ -425,13 +425,20 @@ def training_memory(
                   if name in lora.targets)  # fmt: skip
     weights = parameter_count(config) * width // shards
     adapters = 4 * 4 * lora.rank * adapted * layers
-    temporaries = HEAD_TEMPORARIES * (2 if distill is not None else 1)
-    head = temporaries * 4 * min(tokens, CHUNK_ELEMENTS // config.vocab_size) * config.vocab_size
-    head += 8 * tokens * config.hidden_size
+    head = head_bytes(tokens, config.hidden_size, config.vocab_size, distill is not None)
     factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else ACTIVATION_FACTOR
     corrected = distill is not None and distill.teacher == "corrected"
     activations = factor * width * tokens * config.hidden_size * layers * (2 if corrected else 1)
     return weights + adapters + head + activations
+
+
+def head_bytes(tokens: int, hidden_size: int, vocab_size: int, distill: bool) -> int:
+    """Bytes of the chunked losses' head for ``tokens`` tokens (tailored.core.losses): :data:`HEAD_TEMPORARIES`
+    fp32 ``[C, V]`` temporaries of one chunk (twice with distillation; ``C = CHUNK_ELEMENTS // V``, or fewer
+    tokens), and 8 bytes a token and hidden dim (the final norm's fp32 input, the hidden states the head reads and
+    their gradient)."""
+    temporaries = HEAD_TEMPORARIES * (2 if distill else 1)
+    return temporaries * 4 * min(tokens, CHUNK_ELEMENTS // vocab_size) * vocab_size + 8 * tokens * hidden_size
 
 
 def available_memory(device: torch.device) -> int | None:
