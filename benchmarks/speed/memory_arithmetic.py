@@ -135,9 +135,10 @@ def layer_activation_bytes(structure: ModelStructure, rank: int, targets: list[s
     return attention + mlp + lora
 
 
-def model_sizes(name: str, settings: dict) -> dict:
-    """Parameter, trainable and activation sizes of one model under ``settings``, from the project's own counts."""
-    structure = structure_from_config(LlamaConfig(**MODELS[name]))
+def model_sizes(shape: dict, settings: dict) -> dict:
+    """Parameter, trainable and activation sizes of one model (``shape``: LlamaConfig arguments, as in
+    :data:`MODELS`) under ``settings``, from the project's own counts."""
+    structure = structure_from_config(LlamaConfig(**shape))
     dense = GateValues.ones(structure, device="cpu")
     total = int(parameter_count(structure, dense))
     root = int(parameter_count(structure, GateValues(**{**dict(dense.items()), "layers": dense.layers * 0})))
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = Path(args.config)
     settings = training_settings(config if config.is_absolute() else ROOT / config)
     tokens = settings["seq_len"] * settings["batch_size"]
-    models = {name: model_sizes(name, settings) for name in MODELS}
+    models = {name: model_sizes(shape, settings) for name, shape in MODELS.items()}
     command = "python benchmarks/speed/memory_arithmetic.py" + "".join(f" {arg}" for arg in (argv or []))
     document = {
         "measured": False,

@@ -52,3 +52,25 @@ def test_smoke_run_writes_every_section_and_the_headline(tmp_path):
     assert [row["width"] for row in document["export"]["scaling"]["widths"]] == [1, 2]
     assert set(document["throughput"]["sides"]) == {"lora", "tailored"}  # the GPU path's CPU fallback
     assert document["throughput"]["sides"]["tailored"]["mfu"] is None  # no peak FLOP/s known for a CPU
+
+
+@pytest.mark.slow
+def test_the_end_to_end_run_goes_through_every_phase_and_its_export_reloads_at_the_predicted_size(tmp_path):
+    """The 8B config's path on a tiny random Llama on CPU: both fits, every phase timed, the export reloaded."""
+    out = tmp_path / "end-to-end.json"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = ROOT / "benchmarks" / "speed" / "end_to_end.py"
+    tailored = ["--data.batch_size", "2", "--data.seq_len", "128", "--trainer.accelerator", "cpu",
+                "--trainer.precision", "32"]  # fmt: skip
+    command = [sys.executable, str(script), "--architecture", "tiny", "--steps", "10", "--device", "cpu",
+               "--work", str(tmp_path / "work"), "--out", str(out), "--", *tailored]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert set(document["sides"]["lora"]) == {"tuning"}
+    assert set(document["sides"]["tailored"]) == {"warmup", "control", "recovery"}
+    assert sum(phase["steps"] for phase in document["sides"]["tailored"].values()) == 10
+    assert all(phase["step_time_ratio_vs_lora"] > 0 for phase in document["sides"]["tailored"].values())
+    export = document["export"]
+    assert export["equal"] and export["parameters"] < document["parameters"] and export["logits_finite"]
+    assert document["memory_arithmetic_at_largest_step"] is None  # the tiny shape is not one of its models
