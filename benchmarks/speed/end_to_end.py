@@ -134,7 +134,8 @@ def random_model(folder: Path, architecture: str, device: str) -> LlamaConfig:
 
 
 def fit(side: str, args: argparse.Namespace, model: Path, work: Path) -> tuple[dict, Path | None, float]:
-    """One side's ``tailored fit``; its PhaseMeter record, its export folder (tailored side) and wall seconds."""
+    """One side's ``tailored fit``; its PhaseMeter record, its export folder (None if it wrote none) and wall
+    seconds."""
     record, root = work / f"{side}-steps.json", work / side
     meter = {"class_path": "end_to_end.PhaseMeter", "init_args": {"path": str(record)}}
     options = ["--model.model", str(model), "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches",
@@ -224,13 +225,12 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         print(f"random {args.architecture} model: {work / 'model'}", flush=True)
         config = random_model(work / "model", args.architecture, args.device)
-        records, seconds, export = {}, {}, None
+        records, seconds, exports = {}, {}, {}
         for side in SIDES:
-            records[side], side_export, seconds[side] = fit(side, args, work / "model", work)
-            export = side_export or export
-        if export is None:
+            records[side], exports[side], seconds[side] = fit(side, args, work / "model", work)
+        if exports["tailored"] is None:  # the LoRA side exports the merged dense model: not the one to check
             sys.exit("the tailored fit wrote no export (lightning_logs/version_*/export)")
-        reloaded = reload_export(export, args.device)
+        reloaded = reload_export(exports["tailored"], args.device)
     device = torch.device(args.device)
     peak = peak_tflops(device, args.peak_tflops)
     # 4N a token (forward + activation gradients) over the decoder layers: attention scores and lm_head (which the
