@@ -271,3 +271,25 @@ def test_the_quickstart_table_pools_an_aliased_rows_seeds_and_refuses_a_seed_twi
     assert "more/" not in markdown
     with pytest.raises(SystemExit, match="seed 0 has two cells named first/taylor-0.7"):
         table.seed_cells([tmp_path / "first", tmp_path / "first"], {})
+
+
+def test_the_mask_overlap_counts_the_kept_units_two_runs_share(tmp_path):
+    spec = importlib.util.spec_from_file_location("mask_overlap", ROOT / "benchmarks" / "quality" / "mask_overlap.py")
+    mask_overlap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mask_overlap)
+    first = {"groups": torch.tensor([[1.0, 0.0]]), "channels": torch.tensor([[0.9, 0.8, 0.0, 0.0]]),
+             "layers": torch.ones(1)}  # fmt: skip
+    second = {"groups": torch.tensor([[1.0, 0.0]]), "channels": torch.tensor([[1.0, 0.0, 1.0, 0.0]]),
+              "layers": torch.ones(1)}  # fmt: skip
+    torch.save({"tailored_transition": {"gates": first}}, tmp_path / "a.ckpt")
+    torch.save({"tailored_transition": {"gates": second}, "global_step": 5}, tmp_path / "b.ckpt")
+    result = mask_overlap.overlap(mask_overlap.transition_gates(tmp_path / "a.ckpt"),
+                                  mask_overlap.transition_gates(tmp_path / "b.ckpt"))  # fmt: skip
+    expected = {
+        "groups": {"kept": [1, 1], "shared_of_first": 1.0},
+        "channels": {"kept": [2, 2], "shared_of_first": 0.5},
+    }
+    assert result == expected  # layers: kept whole by both runs, not listed
+    torch.save({"tailored_transition": None}, tmp_path / "dense.ckpt")
+    with pytest.raises(SystemExit, match="no transition recorded"):
+        mask_overlap.transition_gates(tmp_path / "dense.ckpt")
