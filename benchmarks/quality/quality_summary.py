@@ -54,6 +54,11 @@ Groups = dict[tuple[str, str], dict[int, list[dict]]]
 """(suite, group) -> seed -> the finished cells."""
 
 
+def finite_or_none(value: float) -> float | None:
+    """``value``, or None where it is NaN (a share of a tuned model at chance): the JSON stays standard."""
+    return None if math.isnan(value) else value
+
+
 def load(folders: list[Path]) -> Groups:
     """Every ``quality-<suite>/cells`` folder under ``folders``, by suite, group and seed."""
     groups: Groups = {}
@@ -150,11 +155,13 @@ class Pool:
             "skill": interval(values, resamples),
             "pct_of_tuned": {
                 task: {
-                    "pct": sum(
-                        quality.share(c, r, task, self.chances.get(task))[0]
-                        for c, r in zip(cells, references, strict=True)
-                    )
-                    / len(cells),
+                    "pct": finite_or_none(
+                        sum(
+                            quality.share(c, r, task, self.chances.get(task))[0]
+                            for c, r in zip(cells, references, strict=True)
+                        )
+                        / len(cells)
+                    ),
                     "measurable": task in tasks,
                 }
                 for task in references[0]["tasks"]

@@ -241,6 +241,28 @@ def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_
     assert "without a total budget" in text and "without validation figures" in text  # the older cell, reported
 
 
+def test_the_headline_json_is_standard_when_the_tuned_model_is_at_chance(tmp_path):
+    """A tuned model at chance on PubMedQA: the task is unmeasurable and its share is null, not NaN."""
+    spec = importlib.util.spec_from_file_location(
+        "quality_summary", ROOT / "benchmarks" / "quality" / "quality_summary.py"
+    )
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    folder = tmp_path / "seed-0" / "quality-medical" / "cells"
+    folder.mkdir(parents=True)
+    for cell in (medical_cell("lora", None, 0, 0.0), medical_cell("one_stage", 0.5, 0, 0.0),
+                 medical_cell("taylor", 0.5, 0, 0.0)):  # fmt: skip
+        (folder / f"{quality.row_name(cell)}.json").write_text(json.dumps(cell))
+    target = tmp_path / "quality-summary.json"
+    summary.main([str(tmp_path), "--json", str(target)])
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in the headline JSON")
+
+    (found,) = json.loads(target.read_text(), parse_constant=refuse)["budgets"]
+    assert found["pct_of_tuned_one_stage"]["pubmedqa"] == {"pct": None, "measurable": False}
+
+
 def test_a_model_that_always_answers_one_label_has_zero_share_and_the_tuned_model_100():
     """On per-row cells (the paired bootstrap): the always-"yes" PubMedQA model keeps 0% of the tuned model's skill
     above chance on every resample, the tuned model 100%."""
