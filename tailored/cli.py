@@ -95,10 +95,15 @@ class TailoredCLI(LightningCLI):
             check_checkpoint(config.get("ckpt_path"), root, subcommand)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's (the checkpoint's model settings replace the config's), then the allocation a tailored 0.1
-        checkpoint's settings lack, as that run had it (tailored.train.checkpoints.upgraded)."""
-        super()._parse_ckpt_path()
+        """Lightning's (the checkpoint's model settings replace the config's), except a base model folder that is
+        no longer where the checkpoint says (the config's model is used: the model moved); then the allocation a
+        tailored 0.1 checkpoint's settings lack, as that run had it (tailored.train.checkpoints.upgraded)."""
         subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].model.model if subcommand else None
+        super()._parse_ckpt_path()
+        if subcommand and self.config[subcommand].model.model != given and moved(self.config[subcommand].model.model):
+            print(f"the checkpoint's model {self.config[subcommand].model.model} is not there; using {given}")
+            self.config[subcommand].model.model = self.config[subcommand].data.tokenizer = given  # the link too
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         legacy = path and Path(path).is_file() and checkpoints.predates_allocation(torch.load(path, weights_only=True))
         if legacy:
@@ -115,6 +120,15 @@ class TailoredCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 remove_unused_log_folders(created)
             raise
+
+
+def moved(model: str) -> bool:
+    """``model`` (a checkpoint's base model) names a local folder that does not exist here."""
+    try:
+        check_model_name(model)
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def check_before_weights(module: TailoredModule, data: DomainData, trainer: L.Trainer, subcommand: str) -> None:
