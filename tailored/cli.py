@@ -101,10 +101,11 @@ class TailoredCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].model.model if subcommand else None
         super()._parse_ckpt_path()
-        if subcommand and self.config[subcommand].model.model != given and moved(self.config[subcommand].model.model):
-            print(f"the checkpoint's model {self.config[subcommand].model.model} is not there; using {given}")
-            self.config[subcommand].model.model = self.config[subcommand].data.tokenizer = given  # the link too
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        config = self.config[subcommand] if subcommand else None
+        if config is not None and config.model.model != given and moved(config.model.model):
+            print(f"the checkpoint's model {config.model.model} is not there; using {given}")
+            config.model.model = config.data.tokenizer = given  # data.tokenizer: linked to model.model
+        path = config.get("ckpt_path") if config is not None else None
         legacy = path and Path(path).is_file() and checkpoints.predates_allocation(torch.load(path, weights_only=True))
         if legacy:
             self.config[subcommand].model.pruning.allocation = checkpoints.LEGACY_ALLOCATION

@@ -13,9 +13,16 @@ import pytest
 import torch
 from helpers import ROOT
 
-spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality" / "quality.py")
-quality = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(quality)
+
+def script(name: str):
+    """The module of ``benchmarks/quality/<name>.py`` (a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "quality" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = script("quality")
 
 
 def row(method: str, kept: float, value: float, stderr: float, metric: str = "perplexity") -> dict:
@@ -192,11 +199,7 @@ def medical_cell(method: str, total: float | None, seed: int, skill: float, vali
 def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_headline(tmp_path):
     """Five seeds: one-stage's skill average and its seed-paired difference from the two-stage method that is best
     on validation (the grid split, though plain Taylor scores more on test); an older folder is reported, not used."""
-    spec = importlib.util.spec_from_file_location(
-        "quality_summary", ROOT / "benchmarks" / "quality" / "quality_summary.py"
-    )
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = script("quality_summary")
     differences = []
     for seed in range(5):
         ours = 0.6 + 0.02 * seed
@@ -243,11 +246,7 @@ def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_
 
 def test_the_headline_json_is_standard_when_the_tuned_model_is_at_chance(tmp_path):
     """A tuned model at chance on PubMedQA: the task is unmeasurable and its share is null, not NaN."""
-    spec = importlib.util.spec_from_file_location(
-        "quality_summary", ROOT / "benchmarks" / "quality" / "quality_summary.py"
-    )
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = script("quality_summary")
     folder = tmp_path / "seed-0" / "quality-medical" / "cells"
     folder.mkdir(parents=True)
     for cell in (medical_cell("lora", None, 0, 0.0), medical_cell("one_stage", 0.5, 0, 0.0),
@@ -296,9 +295,7 @@ def test_the_quickstart_table_pools_an_aliased_rows_seeds_and_refuses_a_seed_twi
 
 
 def test_the_mask_overlap_counts_the_kept_units_two_runs_share(tmp_path):
-    spec = importlib.util.spec_from_file_location("mask_overlap", ROOT / "benchmarks" / "quality" / "mask_overlap.py")
-    mask_overlap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mask_overlap)
+    mask_overlap = script("mask_overlap")
     first = {"groups": torch.tensor([[1.0, 0.0]]), "channels": torch.tensor([[0.9, 0.8, 0.0, 0.0]]),
              "layers": torch.ones(1)}  # fmt: skip
     second = {"groups": torch.tensor([[1.0, 0.0]]), "channels": torch.tensor([[1.0, 0.0, 1.0, 0.0]]),
