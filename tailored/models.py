@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,12 +106,32 @@ def embedded_smollm2() -> Path:
     model.is_quantized = False
     model.config.quantization_config = None
     del model.config.quantization_config
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return publish_folder(target, write)
+
+
+def publish_folder(target: Path, write: Callable[[Path], object]) -> Path:
+    """Make ``target`` by ``write``-ing a staging folder beside it and renaming it into place in one step.
+
+    Several processes may convert at once (the ranks of a first DDP run, a benchmark's parallel cells): the first
+    rename wins, and a process that finds ``target`` complete when its own rename fails uses that one and drops its
+    copy. No reader ever sees a half-written ``target``.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".SmolLM2-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
+        write(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise OSError(
+                    f"could not create {target}: a folder without config.json is in the way; delete it and rerun"
+                ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)
