@@ -20,7 +20,10 @@ Methods: ``dense`` (no tuning), ``lora`` (the dense model LoRA-tuned: the 100% r
 learned while tuning, the config's settings), and two-stage rivals (prune at step 0, then tune): ``taylor`` (the
 config's units, every type pruned by the same share: the split a user would pick), ``taylor_learned_shape`` (Taylor
 pruning to the shape the one-stage cell of the same seed and budgets learned: the same shape, another mask),
-``taylor_grid`` (three cells, one per split of :data:`GRID`), ``magnitude``, ``random``. ``--distill one_stage ...``
+``taylor_grid`` (three cells, one per split of :data:`GRID`), ``magnitude``, ``random``; and ``taylor_after_tuning``
+(tune, prune, tune: LoRA on the dense model for the steps before the one-stage schedule's transition, merged, then
+``taylor`` on that tuned model for the rest, :func:`run_taylor_after_tuning`), which has the one-stage run's training
+path without its gates. ``--distill one_stage ...``
 also runs the named methods with distillation from the dense teacher.
 
 ``pct_of_tuned`` is each task's primary metric as a share of the LoRA-tuned model's (:func:`share`): perplexity
@@ -78,10 +81,24 @@ GRID = {
     "taylor_grid_groups_channels_hidden": ["groups", "channels", "hidden"],
 }
 """The splits of ``taylor_grid``: the unit types Taylor prunes, every type by the same share of its units."""
-TWO_STAGE = ("taylor", "taylor_learned_shape", *GRID, "magnitude", "random")
-"""Cells that prune once at step 0, then tune; the best of them on validation is one-stage's rival."""
+TWO_STAGE = ("taylor", "taylor_learned_shape", *GRID, "magnitude", "random", "taylor_after_tuning")
+"""Cells that prune once, then tune (at step 0; ``taylor_after_tuning`` after tuning the dense model first); the
+best of them on validation is one-stage's rival."""
+STAGE_SEED_OFFSET = 10_000
+"""``taylor_after_tuning``'s second fit draws its training stream with ``seed + this``: fresh examples, not a replay
+of the first fit's (each fit's stream starts at example 0 of its seed)."""
 PRUNED_METHODS = ("one_stage", *TWO_STAGE)
-METHOD_CHOICES = ("dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid", "magnitude", "random")
+METHOD_CHOICES = (
+    "dense",
+    "lora",
+    "one_stage",
+    "taylor",
+    "taylor_learned_shape",
+    "taylor_grid",
+    "magnitude",
+    "random",
+    "taylor_after_tuning",
+)
 ALSO = {"balanced_accuracy": "accuracy"}  # a secondary metric kept in the cells next to the primary one
 RESAMPLES = 1000
 
@@ -190,7 +207,7 @@ def pruning_options(suite: dict, cell: Cell, extra: list[str], learned: dict | N
         return options, {"units": units, "target_shape": shape, "kept_fraction": None}
     units = GRID.get(cell.method) or config_value(suite, extra, "model.pruning.units")
     fraction = prunable_target(config_value(suite, extra, "model.model"), units, cell.total_kept)
-    method = "taylor" if cell.method in GRID else cell.method
+    method = "taylor" if cell.method in (*GRID, "taylor_after_tuning") else cell.method
     options = ["--model.pruning.target", f"{fraction:.6f}", "--model.pruning.units", json.dumps(units)]
     return options + ["--model.pruning.method", method], {"units": units, "kept_fraction": fraction}
 
@@ -217,7 +234,11 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         else:
             options += ["--model.distill", "null"]
         start = time.monotonic()
-        tailored("fit", *config, *options, log=log)
+        if cell.method == "taylor_after_tuning":
+            dense_steps = run_taylor_after_tuning(suite, config, options, folder, extra, max_steps, log)
+            recorded["dense_tuning_steps"] = dense_steps
+        else:
+            tailored("fit", *config, *options, log=log)
         seconds = time.monotonic() - start
         export = max((folder / "fit" / "lightning_logs").glob("version_*/export"))
         model = str(export)
@@ -248,6 +269,31 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         "parameters": report.get("parameters", {}).get("after"),
         "seconds": round(seconds, 1),
     }
+
+
+def run_taylor_after_tuning(
+    suite: dict, config: list[str], options: list[str], folder: Path, extra: list[str], max_steps: int, log: Path
+) -> int:
+    """Tune, prune, tune in two ``tailored fit`` calls that share the cell's ``max_steps``: LoRA on the dense model
+    for the steps the one-stage schedule spends before its transition (``(1 - pruning.recovery) * max_steps``),
+    exported merged (``<folder>/tune``), then ``options`` (Taylor pruning of that tuned model at step 0, a fresh
+    LoRA) for the rest in ``<folder>/fit``, on a stream of another seed (:data:`STAGE_SEED_OFFSET`). Returns the
+    dense steps.
+
+    It has the one-stage run's training path (tune while dense, merge, prune, fresh LoRA) with Taylor's one-shot
+    mask instead of learned gates, so against ``one_stage`` it separates what the gates add from what the path
+    adds."""
+    steps = round(max_steps * (1 - config_value(suite, extra, "model.pruning.recovery")))
+    if not 0 < steps < max_steps:
+        raise ValueError(f"taylor_after_tuning needs 0 < pruning.recovery < 1 to split {max_steps} steps")
+    first = ["--trainer.default_root_dir", str(folder / "tune"), "--trainer.limit_val_batches", "0"]
+    first += ["--trainer.max_steps", str(steps), "--model.pruning", "null", "--model.distill", "null"]
+    tailored("fit", *config, *first, log=log)
+    tuned = max((folder / "tune" / "lightning_logs").glob("version_*/export"))
+    seed = int(config[config.index("--seed_everything") + 1]) + STAGE_SEED_OFFSET
+    second = [*options, "--trainer.max_steps", str(max_steps - steps), "--model.model", str(tuned)]
+    tailored("fit", *config, *second, "--seed_everything", str(seed), log=log)
+    return steps
 
 
 def primary_metrics(suite: dict, results: dict) -> dict:
@@ -569,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid"],
+        default=["dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid", "taylor_after_tuning"],
         choices=METHOD_CHOICES,
     )
     parser.add_argument(

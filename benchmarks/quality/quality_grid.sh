@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The quality grid in one go, for a GPU (on a 2-core CPU it takes days; it still runs there with JOBS 1): the
 # protocol of docs/quality.md on the medical suite (dense, LoRA, one-stage, and the two-stage rivals: Taylor with the
-# config's uniform split, Taylor at one-stage's learned shape, a grid of Taylor splits) at 75% and 50% of the dense
-# model's total parameters, every seed of SEEDS and every token budget of MULTIPLIERS; magnitude and random scores;
-# one-stage with distillation; the legal suite with the same defaults (the check that they generalise: never tuned
-# on); the quickstart. Each group is one resumable benchmarks/quality/quality.py run; the groups run at once, JOBS
+# config's uniform split, Taylor at one-stage's learned shape, a grid of Taylor splits, and tune-prune-tune: Taylor
+# after tuning the dense model for one-stage's pre-transition steps) at 75% and 50% of the dense model's total
+# parameters, every seed of SEEDS and every token budget of MULTIPLIERS; magnitude and random scores; one-stage with
+# distillation; the legal suite with the same defaults (the check that they generalise: never tuned on); the
+# quickstart. Each group is one resumable benchmarks/quality/quality.py run; the groups run at once, JOBS
 # (default 1) times a group's share of cells each: 9 cells at once with JOBS 1. A SmolLM2 cell holds about 3.5 GiB
 # of GPU memory while it trains: size JOBS to the GPU. Tests run TEST_BATCH rows per batch (default 32). On one GPU,
 # start CUDA MPS first (`nvidia-cuda-mps-control -d`) so that the cells' small kernels run side by side.

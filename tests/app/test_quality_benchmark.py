@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +121,9 @@ def test_the_gpu_grid_script_calls_quality_py_with_arguments_it_accepts(tmp_path
     assert all(args.extra[-2:] == ["--trainer.max_steps", "3"] for args in parsed)
     assert {args.suite for args in parsed} == {"medical", "legal", "quickstart"}
     main = next(args for args in parsed if args.out.name == "main")
-    assert set(main.methods) == {"dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid"}
+    assert set(main.methods) == {
+        "dense", "lora", "one_stage", "taylor", "taylor_learned_shape", "taylor_grid", "taylor_after_tuning"
+    }  # fmt: skip
     assert main.seeds == [0, 1, 2, 3, 4] and main.steps_multiplier == [1, 4] and main.total_kept == [0.75, 0.5]
 
 
@@ -167,6 +170,40 @@ def test_the_plan_runs_every_seed_and_token_budget_and_the_learned_shape_cells_l
     assert options == ["--model.pruning.target", "0.500000", "--model.pruning.units", '["channels"]',
                        "--model.pruning.method", "taylor"]  # fmt: skip
     assert quality.config_value(suite, ["--trainer.max_steps", "7"], "trainer.max_steps") == 7
+
+
+def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp_path, monkeypatch):
+    """taylor_after_tuning: a dense LoRA fit for the steps before the schedule's transition, then Taylor pruning of
+    its merged export for the rest, on a fresh stream; the two fits together train max_steps steps."""
+    calls = []
+
+    def fake_tailored(*args, log):
+        calls.append(list(args))
+        root = Path(args[args.index("--trainer.default_root_dir") + 1])
+        (root / "lightning_logs" / "version_0" / "export").mkdir(parents=True)
+
+    monkeypatch.setattr(quality, "tailored", fake_tailored)
+    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total: 0.6)
+    suite = quality.SUITES["medical"]  # pruning.recovery 0.6 of 200 steps: the transition at step 80
+    cell = quality.Cell("taylor_after_tuning", 0.75)
+    options, recorded = quality.pruning_options(suite, cell, [], None)
+    assert options[-2:] == ["--model.pruning.method", "taylor"] and recorded["kept_fraction"] == 0.6
+    config = ["-c", suite["config"], "--seed_everything", "3"]
+    options = ["--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_steps", "200", *options]
+    steps = quality.run_taylor_after_tuning(suite, config, options, tmp_path, [], 200, tmp_path / "log.txt")
+
+    def last(call, key):  # the value a repeated option ends with: the last one wins
+        return call[len(call) - 1 - call[::-1].index(key) + 1]
+
+    tune, prune = calls
+    assert steps == 80 and last(tune, "--trainer.max_steps") == "80" and last(tune, "--model.pruning") == "null"
+    assert last(tune, "--trainer.default_root_dir") == str(tmp_path / "tune")
+    assert last(prune, "--trainer.max_steps") == "120" and last(prune, "--model.pruning.method") == "taylor"
+    assert last(prune, "--model.model") == str(tmp_path / "tune" / "lightning_logs" / "version_0" / "export")
+    assert last(prune, "--seed_everything") == str(3 + quality.STAGE_SEED_OFFSET)
+    assert last(prune, "--trainer.default_root_dir") == str(tmp_path / "fit")
+    with pytest.raises(ValueError, match="recovery"):
+        quality.run_taylor_after_tuning(suite, config, options, tmp_path, ["--model.pruning.recovery", "0"], 200, None)
 
 
 LABELS = torch.tensor([0] * 60 + [1] * 40 + [2] * 20)  # 120 PubMedQA-like rows, unbalanced
