@@ -127,11 +127,13 @@ def publish_folder(target: Path, write: Callable[[Path], object]) -> Path:
         write(staging)
         try:
             staging.rename(target)
-        except OSError:
+        except OSError as error:
+            if not target.is_dir():  # not a lost race: no space, no permission, a file in the way
+                raise
             if not (target / "config.json").is_file():
                 raise OSError(
                     f"could not create {target}: a folder without config.json is in the way; delete it and rerun"
-                ) from None
+                ) from error
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -23,8 +23,8 @@ pruning to the shape the one-stage cell of the same seed and budgets learned: th
 ``taylor_grid`` (three cells, one per split of :data:`GRID`), ``magnitude``, ``random``; and ``taylor_after_tuning``
 (tune, prune, tune: LoRA on the dense model for the steps before the one-stage schedule's transition, merged, then
 ``taylor`` on that tuned model for the rest, :func:`run_taylor_after_tuning`), which has the one-stage run's training
-path without its gates. ``--distill one_stage ...``
-also runs the named methods with distillation from the dense teacher.
+path without its gates. ``--distill one_stage ...`` also runs the named methods with distillation from the dense
+teacher (for ``taylor_after_tuning``: the tuned dense model it prunes).
 
 ``pct_of_tuned`` is each task's primary metric as a share of the LoRA-tuned model's (:func:`share`): perplexity
 inverted, and the skill above chance for accuracies, ``(m - chance) / (m_tuned - chance)``. A task whose tuned model
@@ -85,8 +85,8 @@ TWO_STAGE = ("taylor", "taylor_learned_shape", *GRID, "magnitude", "random", "ta
 """Cells that prune once, then tune (at step 0; ``taylor_after_tuning`` after tuning the dense model first); the
 best of them on validation is one-stage's rival."""
 STAGE_SEED_OFFSET = 10_000
-"""``taylor_after_tuning``'s second fit draws its training stream with ``seed + this``: fresh examples, not a replay
-of the first fit's (each fit's stream starts at example 0 of its seed)."""
+"""``taylor_after_tuning``'s second fit draws its training stream with ``data.seed + this``: fresh examples, not a
+replay of the first fit's (each fit's stream starts at example 0 of its ``data.seed``)."""
 PRUNED_METHODS = ("one_stage", *TWO_STAGE)
 METHOD_CHOICES = (
     "dense",
@@ -275,24 +275,29 @@ def run_taylor_after_tuning(
     suite: dict, config: list[str], options: list[str], folder: Path, extra: list[str], max_steps: int, log: Path
 ) -> int:
     """Tune, prune, tune in two ``tailored fit`` calls that share the cell's ``max_steps``: LoRA on the dense model
-    for the steps the one-stage schedule spends before its transition (``(1 - pruning.recovery) * max_steps``),
-    exported merged (``<folder>/tune``), then ``options`` (Taylor pruning of that tuned model at step 0, a fresh
-    LoRA) for the rest in ``<folder>/fit``, on a stream of another seed (:data:`STAGE_SEED_OFFSET`). Returns the
-    dense steps.
+    for the steps the one-stage schedule spends before its scheduled transition (``(1 - pruning.recovery) *
+    max_steps``; an early decision, ``pruning.settle_steps``, is not followed), exported merged (``<folder>/tune``,
+    removed once the second fit is done), then ``options`` (Taylor pruning of that tuned model at step 0, a fresh
+    LoRA) for the rest in ``<folder>/fit``, on a training stream of another data seed (:data:`STAGE_SEED_OFFSET`).
+    Returns the dense steps.
 
     It has the one-stage run's training path (tune while dense, merge, prune, fresh LoRA) with Taylor's one-shot
     mask instead of learned gates, so against ``one_stage`` it separates what the gates add from what the path
     adds."""
-    steps = round(max_steps * (1 - config_value(suite, extra, "model.pruning.recovery")))
+    from tailored.train.settings import PruningSettings  # imported here: the tables need no training code
+
+    recovery = config_value(suite, extra, "model.pruning.recovery")
+    steps = round(max_steps * (1 - (PruningSettings.recovery if recovery is None else recovery)))
     if not 0 < steps < max_steps:
         raise ValueError(f"taylor_after_tuning needs 0 < pruning.recovery < 1 to split {max_steps} steps")
     first = ["--trainer.default_root_dir", str(folder / "tune"), "--trainer.limit_val_batches", "0"]
     first += ["--trainer.max_steps", str(steps), "--model.pruning", "null", "--model.distill", "null"]
     tailored("fit", *config, *first, log=log)
     tuned = max((folder / "tune" / "lightning_logs").glob("version_*/export"))
-    seed = int(config[config.index("--seed_everything") + 1]) + STAGE_SEED_OFFSET
+    data_seed = (config_value(suite, extra, "data.seed") or 0) + STAGE_SEED_OFFSET
     second = [*options, "--trainer.max_steps", str(max_steps - steps), "--model.model", str(tuned)]
-    tailored("fit", *config, *second, "--seed_everything", str(seed), log=log)
+    tailored("fit", *config, *second, "--data.seed", str(data_seed), log=log)
+    shutil.rmtree(folder / "tune")  # a merged dense model: the cell's model is the second fit's export
     return steps
 
 

@@ -200,7 +200,8 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
     assert last(tune, "--trainer.default_root_dir") == str(tmp_path / "tune")
     assert last(prune, "--trainer.max_steps") == "120" and last(prune, "--model.pruning.method") == "taylor"
     assert last(prune, "--model.model") == str(tmp_path / "tune" / "lightning_logs" / "version_0" / "export")
-    assert last(prune, "--seed_everything") == str(3 + quality.STAGE_SEED_OFFSET)
+    assert last(prune, "--seed_everything") == "3" and last(prune, "--data.seed") == str(quality.STAGE_SEED_OFFSET)
+    assert "--data.seed" not in tune and not (tmp_path / "tune").exists()  # the merged dense model is not kept
     assert last(prune, "--trainer.default_root_dir") == str(tmp_path / "fit")
     with pytest.raises(ValueError, match="recovery"):
         quality.run_taylor_after_tuning(suite, config, options, tmp_path, ["--model.pruning.recovery", "0"], 200, None)
