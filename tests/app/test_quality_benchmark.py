@@ -192,17 +192,17 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
     options = ["--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_steps", "200", *options]
     steps = quality.run_taylor_after_tuning(suite, config, options, tmp_path, [], 200, tmp_path / "log.txt")
 
-    def last(call, key):  # the value a repeated option ends with: the last one wins
-        return call[len(call) - 1 - call[::-1].index(key) + 1]
+    def last(call, key):  # the value a repeated option ends with, as tailored reads it: the last one wins
+        return quality.config_value(suite, call, key)
 
     tune, prune = calls
-    assert steps == 80 and last(tune, "--trainer.max_steps") == "80" and last(tune, "--model.pruning") == "null"
-    assert last(tune, "--trainer.default_root_dir") == str(tmp_path / "tune")
-    assert last(prune, "--trainer.max_steps") == "120" and last(prune, "--model.pruning.method") == "taylor"
-    assert last(prune, "--model.model") == str(tmp_path / "tune" / "lightning_logs" / "version_0" / "export")
-    assert last(prune, "--seed_everything") == "3" and last(prune, "--data.seed") == str(quality.STAGE_SEED_OFFSET)
+    assert steps == 80 and last(tune, "trainer.max_steps") == 80 and last(tune, "model.pruning") is None
+    assert last(tune, "trainer.default_root_dir") == str(tmp_path / "tune")
+    assert last(prune, "trainer.max_steps") == 120 and last(prune, "model.pruning.method") == "taylor"
+    assert last(prune, "model.model") == str(tmp_path / "tune" / "lightning_logs" / "version_0" / "export")
+    assert last(prune, "seed_everything") == 3 and last(prune, "data.seed") == quality.STAGE_SEED_OFFSET
     assert "--data.seed" not in tune and not (tmp_path / "tune").exists()  # the merged dense model is not kept
-    assert last(prune, "--trainer.default_root_dir") == str(tmp_path / "fit")
+    assert last(prune, "trainer.default_root_dir") == str(tmp_path / "fit")
     with pytest.raises(ValueError, match="recovery"):
         quality.run_taylor_after_tuning(suite, config, options, tmp_path, ["--model.pruning.recovery", "0"], 200, None)
 
