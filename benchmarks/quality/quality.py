@@ -222,8 +222,7 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
     max_steps = config_value(suite, extra, "trainer.max_steps") * cell.multiplier
     seconds, model, report, recorded = 0.0, None, {}, {"units": None, "kept_fraction": 1.0}
     if cell.method != "dense":
-        options = ["--trainer.default_root_dir", str(folder / "fit"), "--trainer.limit_val_batches", "0"]
-        options += ["--trainer.max_steps", str(max_steps)]
+        options = fit_options(folder / "fit", max_steps)
         if cell.method == "lora":
             options += ["--model.pruning", "null"]
         else:
@@ -271,6 +270,13 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
     }
 
 
+def fit_options(root: Path, steps: int) -> list[str]:
+    """The ``tailored fit`` options every cell's fit shares: its folder, ``steps`` steps, no validation while it
+    trains (the cell validates its export afterwards)."""
+    options = ["--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "0"]
+    return [*options, "--trainer.max_steps", str(steps)]
+
+
 def run_taylor_after_tuning(
     suite: dict, config: list[str], options: list[str], folder: Path, extra: list[str], max_steps: int, log: Path
 ) -> int:
@@ -290,8 +296,7 @@ def run_taylor_after_tuning(
     steps = round(max_steps * (1 - (PruningSettings.recovery if recovery is None else recovery)))
     if not 0 < steps < max_steps:
         raise ValueError(f"taylor_after_tuning needs 0 < pruning.recovery < 1 to split {max_steps} steps")
-    first = ["--trainer.default_root_dir", str(folder / "tune"), "--trainer.limit_val_batches", "0"]
-    first += ["--trainer.max_steps", str(steps), "--model.pruning", "null", "--model.distill", "null"]
+    first = [*fit_options(folder / "tune", steps), "--model.pruning", "null", "--model.distill", "null"]
     tailored("fit", *config, *first, log=log)
     tuned = max((folder / "tune" / "lightning_logs").glob("version_*/export"))
     data_seed = (config_value(suite, extra, "data.seed") or 0) + STAGE_SEED_OFFSET
