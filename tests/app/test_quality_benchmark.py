@@ -350,3 +350,22 @@ def test_the_mask_overlap_counts_the_kept_units_two_runs_share(tmp_path):
     torch.save({"tailored_transition": None}, tmp_path / "dense.ckpt")
     with pytest.raises(SystemExit, match="no transition recorded"):
         mask_overlap.transition_gates(tmp_path / "dense.ckpt")
+
+
+def test_the_cell_difference_pairs_two_cells_from_any_folders_and_refuses_another_seed(monkeypatch):
+    """A lever's cell against a config cell: the same value and error as the table's paired difference, the sign
+    flipping with the order; a reference of another seed is refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "quality"))
+    difference = script("cell_difference")
+    tuned, better, worse = (medical_cell(m, t, 0, s) for m, t, s in [("lora", None, 1.0), ("one_stage", 0.5, 0.8),
+                                                                       ("taylor", 0.5, 0.5)])  # fmt: skip
+    chances = quality.chance_levels("medical")
+    value, error = quality.paired_difference(better, worse, tuned, quality.measurable_tasks(tuned, chances), chances)
+    assert value > 10 and error > 0
+    line = difference.difference_line(better, worse, tuned, "medical", ("a/one_stage", "b/taylor"))
+    assert line.startswith(f"a/one_stage minus b/taylor: {value:+.1f} ± {error:.1f} points")
+    assert difference.difference_line(worse, better, tuned, "medical", ("b", "a")).startswith(
+        f"b minus a: {-value:+.1f}"
+    )
+    with pytest.raises(SystemExit, match="share a seed"):
+        difference.difference_line(better, medical_cell("taylor", 0.5, 1, 0.5), tuned, "medical", ("a", "b"))
