@@ -14,7 +14,9 @@ Budgets (``--total-kept``) are fractions of the dense model's *total* parameters
 unit types are compared at the same export size: each method's fraction of its own prunable parameters is
 ``(total * N - fixed) / (N - fixed)``, ``fixed`` being what its units cannot remove (:func:`prunable_target`).
 Token budgets (``--steps-multiplier k``) train ``k`` times the config's ``trainer.max_steps``; each has its own
-LoRA-tuned reference.
+LoRA-tuned reference. A seed (``--seeds``) is each fit's ``seed_everything`` (LoRA initialisation, gate noise) and
+its training stream's ``data.seed`` (which examples come in which order); the test rows and their k-shot examples
+are the same for every seed.
 
 Methods: ``dense`` (no tuning), ``lora`` (the dense model LoRA-tuned: the 100% reference), ``one_stage`` (gates
 learned while tuning, the config's settings), and two-stage rivals (prune at step 0, then tune): ``taylor`` (the
@@ -222,7 +224,7 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
     max_steps = config_value(suite, extra, "trainer.max_steps") * cell.multiplier
     seconds, model, report, recorded = 0.0, None, {}, {"units": None, "kept_fraction": 1.0}
     if cell.method != "dense":
-        options = fit_options(folder / "fit", max_steps)
+        options = fit_options(folder / "fit", max_steps, seed)
         if cell.method == "lora":
             options += ["--model.pruning", "null"]
         else:
@@ -259,6 +261,7 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         "steps_multiplier": cell.multiplier,
         "max_steps": max_steps if cell.method != "dense" else 0,
         "seed": seed,
+        "data_seed": seed,
         "distill": cell.distill,
         **recorded,
         "shape": report.get("uniform_shape"),
@@ -270,11 +273,13 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
     }
 
 
-def fit_options(root: Path, steps: int) -> list[str]:
-    """The ``tailored fit`` options every cell's fit shares: its folder, ``steps`` steps, no validation while it
-    trains (the cell validates its export afterwards)."""
+def fit_options(root: Path, steps: int, data_seed: int) -> list[str]:
+    """The ``tailored fit`` options every cell's fit shares: its folder, ``steps`` steps, the training stream of
+    ``data_seed`` (the cell's seed: a seed varies the data order too, not only what ``seed_everything`` seeds),
+    no validation while it trains (the cell validates its export afterwards). Tests and validations keep the
+    config's ``data.seed``, so every seed is evaluated with the same k-shot examples."""
     options = ["--trainer.default_root_dir", str(root), "--trainer.limit_val_batches", "0"]
-    return [*options, "--trainer.max_steps", str(steps)]
+    return [*options, "--trainer.max_steps", str(steps), "--data.seed", str(data_seed)]
 
 
 def run_taylor_after_tuning(
@@ -296,10 +301,11 @@ def run_taylor_after_tuning(
     steps = round(max_steps * (1 - (PruningSettings.recovery if recovery is None else recovery)))
     if not 0 < steps < max_steps:
         raise ValueError(f"taylor_after_tuning needs 0 < pruning.recovery < 1 to split {max_steps} steps")
-    first = [*fit_options(folder / "tune", steps), "--model.pruning", "null", "--model.distill", "null"]
+    data_seed = config_value(suite, options, "data.seed")  # the cell's stream: the first fit draws it
+    first = [*fit_options(folder / "tune", steps, data_seed), "--model.pruning", "null", "--model.distill", "null"]
     tailored("fit", *config, *first, log=log)
     tuned = max((folder / "tune" / "lightning_logs").glob("version_*/export"))
-    data_seed = (config_value(suite, extra, "data.seed") or 0) + STAGE_SEED_OFFSET
+    data_seed += STAGE_SEED_OFFSET
     second = [*options, "--trainer.max_steps", str(max_steps - steps), "--model.model", str(tuned)]
     tailored("fit", *config, *second, "--data.seed", str(data_seed), log=log)
     shutil.rmtree(folder / "tune")  # a merged dense model: the cell's model is the second fit's export
@@ -618,7 +624,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--total-kept", type=float, nargs="+", default=[0.75, 0.5], help="kept fractions of the total parameters"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed_everything of each run of the cells")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="per run of the cells: seed_everything and the fits' data.seed",
+    )
     parser.add_argument(
         "--steps-multiplier", type=int, nargs="+", default=[1], help="token budgets: max_steps times each of these"
     )
@@ -642,6 +654,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality", help="where the runs are written")
     parser.add_argument("extra", nargs="*", help="options passed to every tailored call, after --")
     args = parser.parse_args(argv)
+    if any(option == "--data.seed" or option.startswith("--data.seed=") for option in args.extra):
+        parser.error("--data.seed is set per seed by --seeds (the fits' training stream): leave it out after --")
     args.out, args.runs = args.out.resolve(), args.runs.resolve()  # the tailored calls run in the repository root
     return args
 

@@ -220,7 +220,8 @@ class Pool:
         return best, "validation" if split == "validation" else "test", [found[best] for found in per_seed]
 
     def notes(self) -> list[str]:
-        """What older cells lack, per group: a total budget, per-row values, validation figures."""
+        """What older cells lack, per group: a total budget, per-row values, validation figures, their own data
+        seed."""
         lines = []
         for (suite, group), seeds in sorted(self.groups.items()):
             if suite != self.suite:
@@ -233,6 +234,14 @@ class Pool:
                 "per-row test values (not pairable: left out)": [row for row in rows if not row.get("rows")],
                 "validation figures (their rival is chosen on the test rows)": [
                     row for row in rows if "validation" not in row
+                ],
+                "a data seed of their own (made before the seeds varied the training stream, they drew seed 0's: "
+                "their spread over seeds holds no data-order noise)": [
+                    row
+                    for seed, cells in seeds.items()
+                    if seed != 0
+                    for row in cells
+                    if "data_seed" not in row and row["method"] != "dense"
                 ],
             }
             for what, found in lacking.items():

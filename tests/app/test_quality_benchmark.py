@@ -170,6 +170,9 @@ def test_the_plan_runs_every_seed_and_token_budget_and_the_learned_shape_cells_l
     assert options == ["--model.pruning.target", "0.500000", "--model.pruning.units", '["channels"]',
                        "--model.pruning.method", "taylor"]  # fmt: skip
     assert quality.config_value(suite, ["--trainer.max_steps", "7"], "trainer.max_steps") == 7
+    for pinned in (["--", "--data.seed", "5"], ["--", "--data.seed=5"]):  # a seed's stream is its own
+        with pytest.raises(SystemExit):
+            quality.parse_args(pinned)
 
 
 def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp_path, monkeypatch):
@@ -189,7 +192,7 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
     options, recorded = quality.pruning_options(suite, cell, [], None)
     assert options[-2:] == ["--model.pruning.method", "taylor"] and recorded["kept_fraction"] == 0.6
     config = ["-c", suite["config"], "--seed_everything", "3"]
-    options = ["--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_steps", "200", *options]
+    options = [*quality.fit_options(tmp_path / "fit", 200, 3), *options]
     steps = quality.run_taylor_after_tuning(suite, config, options, tmp_path, [], 200, tmp_path / "log.txt")
 
     def last(call, key):  # the value a repeated option ends with, as tailored reads it: the last one wins
@@ -200,8 +203,9 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
     assert last(tune, "trainer.default_root_dir") == str(tmp_path / "tune")
     assert last(prune, "trainer.max_steps") == 120 and last(prune, "model.pruning.method") == "taylor"
     assert last(prune, "model.model") == str(tmp_path / "tune" / "lightning_logs" / "version_0" / "export")
-    assert last(prune, "seed_everything") == 3 and last(prune, "data.seed") == quality.STAGE_SEED_OFFSET
-    assert "--data.seed" not in tune and not (tmp_path / "tune").exists()  # the merged dense model is not kept
+    assert last(tune, "data.seed") == 3  # the cell's seed draws its stream: data order is part of a seed's noise
+    assert last(prune, "seed_everything") == 3 and last(prune, "data.seed") == 3 + quality.STAGE_SEED_OFFSET
+    assert not (tmp_path / "tune").exists()  # the merged dense model is not kept
     assert last(prune, "trainer.default_root_dir") == str(tmp_path / "fit")
     with pytest.raises(ValueError, match="recovery"):
         quality.run_taylor_after_tuning(suite, config, options, tmp_path, ["--model.pruning.recovery", "0"], 200, None)
@@ -230,8 +234,9 @@ def medical_cell(method: str, total: float | None, seed: int, skill: float, vali
         value = float(quality.row_statistic(metric, columns))
         tasks[task] = {"metric": metric, "value": value, "stderr": 0.02 * value}
     checked = tasks if validation is None else medical_cell(method, total, seed + 100, validation)["tasks"]
-    return {"method": method, "total_kept": total or 1.0, "steps_multiplier": 1, "seed": seed, "distill": False,
-            "tasks": tasks, "validation": checked, "rows": rows, "parameters": 10, "seconds": 1.0}  # fmt: skip
+    return {"method": method, "total_kept": total or 1.0, "steps_multiplier": 1, "seed": seed, "data_seed": seed,
+            "distill": False, "tasks": tasks, "validation": checked, "rows": rows, "parameters": 10,
+            "seconds": 1.0}  # fmt: skip
 
 
 def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_headline(tmp_path):
@@ -262,6 +267,10 @@ def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_
     legacy = medical_cell("one_stage", None, 0, 0.6) | {"kept_fraction": 0.7}
     del legacy["total_kept"], legacy["validation"]
     (old / "one_stage-0.7.json").write_text(json.dumps(legacy))
+    same_stream = tmp_path / "old" / "seed-1" / "stream" / "quality-medical" / "cells"  # drew seed 0's stream
+    same_stream.mkdir(parents=True)
+    older = {key: value for key, value in medical_cell("one_stage", 0.75, 1, 0.6).items() if key != "data_seed"}
+    (same_stream / "one_stage-0.75.json").write_text(json.dumps(older))
     target = tmp_path / "quality-summary.json"
     summary.main(
         [str(tmp_path / "grid"), str(tmp_path / "old"), "--json", str(target), "--out", str(tmp_path / "s.md")]
@@ -280,6 +289,8 @@ def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_
     assert found["pct_of_tuned_one_stage"]["pubmedqa"]["measurable"]
     text = (tmp_path / "s.md").read_text()
     assert "without a total budget" in text and "without validation figures" in text  # the older cell, reported
+    (no_stream,) = [line for line in text.splitlines() if "without a data seed of their own" in line]
+    assert no_stream.startswith("- medical/stream: 1 cell files")  # the grid's seeds drew their own streams
 
 
 def test_the_headline_json_is_standard_when_the_tuned_model_is_at_chance(tmp_path):
