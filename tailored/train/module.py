@@ -45,7 +45,7 @@ from tailored.train.settings import (
     compile_backend,
     model_target,
 )
-from tailored.train.sharding import average_gradients, is_sharded, shard
+from tailored.train.sharding import average_gradients, clip_gradients, is_sharded, shard
 from tailored.train.teacher import CorrectedTeacher, kept_teacher, teacher_outputs
 from tailored.train.transition import check_adapters, importance_scores, prune_now
 from tailored.train.vocabulary import CHECKPOINT_KEY, check_tokenizer, domain_token_ids, mask_training_logits
@@ -304,6 +304,16 @@ class TailoredModule(HeldOutEvaluation):
         """FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
         if self.target is not None and is_sharded(self):
             average_gradients(self.gates.parameters())
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), with FSDP2's sharded gradients clipped as one
+        device clips the whole model's (:func:`tailored.train.sharding.clip_gradients`)."""
+        if not (is_sharded(self) and gradient_clip_val):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        clip_gradients(parameters, float(gradient_clip_val), gradient_clip_algorithm or "norm")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The step, then the logit clamp: before any callback (a checkpoint) sees the parameters."""

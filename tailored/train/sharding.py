@@ -64,6 +64,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from tailored.core.structure import unwrap
@@ -209,6 +210,32 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+@torch.no_grad()
+def clip_gradients(parameters: Iterable[nn.Parameter], value: float, algorithm: str = "norm") -> None:
+    """Clip the gradients of a sharded model's parameters in place, as one device clips the whole model's.
+
+    ``norm``: every gradient times ``min(1, value / (total_norm + 1e-6))``, the total 2-norm taken over all of
+    them (``torch.nn.utils.clip_grad_norm_``'s rule): the sharded gradients' norm is the all-reduced norm of their
+    shards, the replicated ones' (the gates', already averaged) is counted once. ``value``: every element clamped
+    to ``[-value, value]``. torch's own functions refuse a mix of sharded (``DTensor``) and whole tensors, which
+    the gates next to the FSDP2-sharded model are.
+    """
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    local = [grad.to_local() if isinstance(grad, DTensor) else grad for grad in grads]
+    if algorithm == "value":
+        torch._foreach_clamp_min_(local, -value)
+        torch._foreach_clamp_max_(local, value)
+        return
+    sharded = [grad for grad in grads if isinstance(grad, DTensor)]
+    whole = [grad for grad in grads if not isinstance(grad, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()] if sharded else []
+    norms += [torch.nn.utils.get_total_norm(whole)] if whole else []
+    if not norms:
+        return
+    total = torch.linalg.vector_norm(torch.stack([norm.float().to(local[0].device) for norm in norms]))
+    torch._foreach_mul_(local, torch.clamp(value / (total + 1e-6), max=1.0))
 
 
 @torch.no_grad()

@@ -24,14 +24,24 @@ from tailored.core.prune import prune_model
 from tailored.core.structure import GateValues, describe, parameter_count
 from tailored.train.module import TailoredModule
 from tailored.train.settings import LoraSettings, PruningSettings, check_fit
-from tailored.train.sharding import METADATA_NAME, FSDP2Strategy, is_sharded, one_process_checkpoint, saved_tensor_names
+from tailored.train.sharding import (
+    METADATA_NAME,
+    FSDP2Strategy,
+    clip_gradients,
+    is_sharded,
+    one_process_checkpoint,
+    saved_tensor_names,
+)
 
 KILLED_AT, CHECKPOINT_EVERY, STEPS = 6, 4, 8
+CLIP = 0.05
+"""The runs' ``trainer.gradient_clip_val``: below their gradient norms, so that every step is clipped."""
 
 
 def fsdp_config(tmp_path: Path, model_dir: Path, text: Path, callbacks: list[dict]) -> Path:
     """Two processes under FSDP2, 8 steps (recovery from step 6): bf16 base weights with fp32 LoRA in each unit,
-    magnitude-initialised gates, checkpointed activations, a checkpoint every 4 steps and one validation at the end;
+    magnitude-initialised gates, checkpointed activations, clipped gradients, a checkpoint every 4 steps and one
+    validation at the end;
     the data adds a generation task, so that validation runs ``generate`` through the sharded model."""
     trainer = {
         "accelerator": "cpu",
@@ -41,6 +51,7 @@ def fsdp_config(tmp_path: Path, model_dir: Path, text: Path, callbacks: list[dic
         "val_check_interval": STEPS,
         "limit_val_batches": 2,
         "num_sanity_val_steps": 0,
+        "gradient_clip_val": CLIP,
         "default_root_dir": str(tmp_path / "run"),
         "enable_progress_bar": False,
         "callbacks": callbacks,
@@ -173,3 +184,39 @@ def test_fsdp_trains_what_ddp_trains_and_resuming_changes_nothing(resumed_run, t
         whole = torch.load(root / "end.rank0.pt")["state"]
         for name, value in resumed.items():
             torch.testing.assert_close(whole[name], value, rtol=1e-5, atol=1e-6, msg=f"{strategy}: {name}")
+
+
+def clip_on_two_ranks(rank: int, address: str, algorithm: str, grads: list[torch.Tensor], out: str) -> None:
+    """One rank of :func:`test_sharded_clipping_is_one_devices_clipping`: shard the first gradients over the two
+    ranks (the rest stay whole, as the gates do), clip, save the gathered result."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    parameters = [torch.nn.Parameter(torch.zeros_like(grad)) for grad in grads]
+    for index, (parameter, grad) in enumerate(zip(parameters, grads, strict=True)):
+        parameter.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)]) if index < 2 else grad.clone()
+    clip_gradients(parameters, CLIP, algorithm)
+    gathered = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in parameters]
+    if rank == 0:
+        torch.save(gathered, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_sharded_clipping_is_one_devices_clipping(tmp_path, algorithm):
+    """Sharded gradients next to whole ones, clipped on two processes: what ``torch.nn.utils`` gives the whole
+    gradients on one (torch's own functions refuse the mix)."""
+    grads = [torch.randn(6, 3), torch.randn(4), torch.randn(5), torch.randn(2, 2)]
+    address = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(clip_on_two_ranks, (address, algorithm, grads, str(tmp_path / "out.pt")), nprocs=2)
+    parameters = [torch.nn.Parameter(torch.zeros_like(grad)) for grad in grads]
+    for parameter, grad in zip(parameters, grads, strict=True):
+        parameter.grad = grad.clone()
+    if algorithm == "norm":
+        assert torch.nn.utils.clip_grad_norm_(parameters, CLIP) > CLIP  # the case under test: clipping scales
+    else:
+        torch.nn.utils.clip_grad_value_(parameters, CLIP)
+    for clipped, parameter in zip(torch.load(tmp_path / "out.pt"), parameters, strict=True):
+        torch.testing.assert_close(clipped, parameter.grad)
