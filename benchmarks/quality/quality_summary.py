@@ -220,8 +220,8 @@ class Pool:
         return best, "validation" if split == "validation" else "test", [found[best] for found in per_seed]
 
     def notes(self) -> list[str]:
-        """What older cells lack, per group: a total budget, per-row values, validation figures, their own data
-        seed."""
+        """What cells lack, per group: a total budget, per-row values, validation figures, a reference of their
+        token budget (a cell without one is not in the table), their own data seed."""
         lines = []
         for (suite, group), seeds in sorted(self.groups.items()):
             if suite != self.suite:
@@ -234,6 +234,12 @@ class Pool:
                 "per-row test values (not pairable: left out)": [row for row in rows if not row.get("rows")],
                 "validation figures (their rival is chosen on the test rows)": [
                     row for row in rows if "validation" not in row
+                ],
+                "a LoRA-tuned reference of their seed and token budget (not in the table)": [
+                    row
+                    for seed, cells in seeds.items()
+                    for row in cells
+                    if row["method"] not in ("dense", "lora") and self.reference(group, seed, row) is None
                 ],
                 "a data seed of their own (made before the seeds varied the training stream, they drew seed 0's: "
                 "their spread over seeds holds no data-order noise)": [

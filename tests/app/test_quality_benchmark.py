@@ -293,6 +293,22 @@ def test_the_summary_pools_seeds_chooses_the_rival_on_validation_and_writes_the_
     assert no_stream.startswith("- medical/stream: 1 cell files")  # the grid's seeds drew their own streams
 
 
+def test_the_summary_names_the_cells_it_leaves_out_for_want_of_a_reference(tmp_path):
+    """4x cells next to a 1x reference only: left out of the table (no tuned model of their budget), and said so."""
+    summary = script("quality_summary")
+    folder = tmp_path / "seed-0" / "quality-medical" / "cells"
+    folder.mkdir(parents=True)
+    longer = [medical_cell(method, 0.5, 0, 0.6) | {"steps_multiplier": 4} for method in ("one_stage", "taylor")]
+    for cell in (medical_cell("lora", None, 0, 1.0), medical_cell("one_stage", 0.5, 0, 0.5), *longer):
+        (folder / f"{quality.row_name(cell)}.json").write_text(json.dumps(cell))
+    summary.main([str(tmp_path), "--json", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| medical")]
+    assert [line.split(" | ")[2] for line in table] == ["one_stage-0.5"]
+    (line,) = [line for line in text.splitlines() if "without a LoRA-tuned reference" in line]
+    assert line.startswith("- medical/main: 2 cell files") and line.endswith("one_stage-0.5-x4, taylor-0.5-x4")
+
+
 def test_the_headline_json_is_standard_when_the_tuned_model_is_at_chance(tmp_path):
     """A tuned model at chance on PubMedQA: the task is unmeasurable and its share is null, not NaN."""
     summary = script("quality_summary")
