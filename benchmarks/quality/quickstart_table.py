@@ -10,10 +10,10 @@ quickstart`` run for that seed (older runs) or the ``seed-<n>`` folders of a mul
 so the same method run with other settings (another folder) gets its own row. Per row: the test perplexity of each
 seed, the mean with the pooled test-row error sqrt(sum of squared errors) / seeds (the spread between seeds, training
 noise, next to it), the same for the validation rows, and the seed-paired difference of "% of tuned" from two-stage
-Taylor (``quickstart-clean/taylor-0.7``, the same parameter count) with its 95% interval over seeds and test rows
-(``quality_summary.py``'s). The tuned reference of every seed is that seed's ``lora`` cell, found in any folder.
-``--alias`` pools the seeds of one cell definition made by several runs. Defaults are chosen on the validation
-columns.
+Taylor (``--rival``, by default ``quickstart-clean/taylor-0.7``, the same parameter count) with its 95% interval over
+seeds and test rows (``quality_summary.py``'s). The tuned reference of every seed is that seed's ``lora`` cell,
+found in any folder. ``--alias`` pools the seeds of one cell definition made by several runs. Defaults are chosen on
+the validation columns.
 """
 
 from __future__ import annotations
@@ -67,18 +67,18 @@ def mean_with_errors(rows: list[dict]) -> str:
     return f"{sum(values) / len(values):.1f} ± {error:.1f}{spread}"
 
 
-def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
+def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]], rival_name: str = RIVAL) -> str:
     """Mean over seeds of (this row's % of tuned) - (Taylor's), paired per seed, with the 95% interval of
     ``benchmarks/quality/quality_summary.py`` (seed variance / n plus the row variance of the seed mean: the seeds
     share the test rows, so their row noise does not shrink with more seeds)."""
-    if name == RIVAL or name.endswith(("/lora", "/dense")):
+    if name == rival_name or name.endswith(("/lora", "/dense")):
         return ""
     differences, resampled = [], []
     for cells in runs.values():
         reference = tuned(cells)
-        if name not in cells or RIVAL not in cells or reference is None:
+        if name not in cells or rival_name not in cells or reference is None:
             continue
-        mine, rival = cells[name], cells[RIVAL]
+        mine, rival = cells[name], cells[rival_name]
         if not (paired(mine, reference, TASK) and paired(rival, reference, TASK)):
             continue
         shares = [
@@ -92,8 +92,8 @@ def difference_from_taylor(name: str, runs: dict[int, dict[str, dict]]) -> str:
     return f"{formatted(interval(differences, resampled))} ({len(differences)} seeds)"
 
 
-def table(folders: list[Path], aliases: dict[str, str] | None = None) -> str:
-    """The Markdown table of every row found, in the order of first appearance."""
+def table(folders: list[Path], aliases: dict[str, str] | None = None, rival: str = RIVAL) -> str:
+    """The Markdown table of every row found, in the order of first appearance; differences from row ``rival``."""
     runs = seed_cells(folders, aliases)
     names = list(dict.fromkeys(name for seed in sorted(runs) for name in runs[seed]))
     lines = [
@@ -110,7 +110,7 @@ def table(folders: list[Path], aliases: dict[str, str] | None = None) -> str:
         parameters = f"{cells[0]['parameters']:,}" if cells[0].get("parameters") else ""
         lines.append(
             f"| {name} | {parameters} | {seeds} | {per_seed} | {mean_with_errors(test)} | {validation} | "
-            f"{difference_from_taylor(name, runs)} |"
+            f"{difference_from_taylor(name, runs, rival)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -126,9 +126,10 @@ def main() -> None:
         metavar="ROW=AS",
         help="pool row ROW's seeds into row AS (the same cell definition, e.g. more-seeds/lora=quickstart-clean/lora)",
     )
+    parser.add_argument("--rival", default=RIVAL, help=f"the row the differences are from (default {RIVAL})")
     args = parser.parse_args()
     aliases = dict(alias.split("=", 1) for alias in args.alias)
-    markdown = table(args.folders, aliases)
+    markdown = table(args.folders, aliases, args.rival)
     print(markdown)
     if args.out:
         command = " ".join(["python", "benchmarks/quality/quickstart_table.py", *sys.argv[1:]])

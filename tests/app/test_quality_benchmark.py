@@ -359,6 +359,27 @@ def test_the_quickstart_table_pools_an_aliased_rows_seeds_and_refuses_a_seed_twi
         table.seed_cells([tmp_path / "first", tmp_path / "first"], {})
 
 
+def test_the_quickstart_table_measures_differences_from_the_rival_it_is_given(tmp_path, monkeypatch):
+    """Cells of one seed with per-row values: with ``rival`` named, its row is the baseline (perplexity 2x the
+    tuned model's: 50%, against one-stage's 1.25x: 80%); the default rival absent, no difference is printed."""
+    spec = importlib.util.spec_from_file_location("quickstart_table", ROOT / "benchmarks/quality/quickstart_table.py")
+    table = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "quality"))
+    spec.loader.exec_module(table)
+    cells = tmp_path / "clip" / "seed-0" / "quality-quickstart" / "cells"
+    cells.mkdir(parents=True)
+    for method, perplexity in [("lora", 40.0), ("one_stage", 50.0), ("taylor", 80.0)]:
+        per_token = math.log(perplexity) + 0.1 * HARDNESS[:50] - 0.1 * HARDNESS[:50].mean()
+        cell = row(method, 0.7, perplexity, 1.0) | {"rows": {"botchan": {"nll": (10 * per_token).tolist(),
+                                                                          "tokens": [10.0] * 50}}}  # fmt: skip
+        (cells / f"{method}.json").write_text(json.dumps(cell))
+    (one_stage,) = [line for line in table.table([tmp_path / "clip"], rival="clip/taylor").splitlines()
+                    if line.startswith("| clip/one_stage")]  # fmt: skip
+    assert one_stage.endswith("| +30.0 [+30.0, +30.0, rows only] (1 seeds) |")
+    default = table.table([tmp_path / "clip"]).splitlines()  # quickstart-clean/taylor-0.7 is not among the cells
+    assert default[3].startswith("| clip/one_stage") and default[3].endswith("|  |")
+
+
 def test_the_mask_overlap_counts_the_kept_units_two_runs_share(tmp_path):
     mask_overlap = script("mask_overlap")
     first = {"groups": torch.tensor([[1.0, 0.0]]), "channels": torch.tensor([[0.9, 0.8, 0.0, 0.0]]),
