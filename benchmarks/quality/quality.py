@@ -3,7 +3,8 @@
 Each cell is one ``tailored fit`` (method, total budget, token budget, seed) on a suite's config, then ``tailored
 test`` and ``tailored validate`` of its export. Cells are written to
 ``<out>/seed-<n>/quality-<suite>/cells/<cell>.json`` as they finish and are not re-run (kill the script at any time;
-run it again to continue; a failed cell is reported and retried by the next run). ``--jobs N`` runs N cells at once
+run it again to continue; a failed cell is reported and retried by the next run; a killed fit resumes from its last
+checkpoint, and a finished fit is not run again: :func:`earlier_attempt`). ``--jobs N`` runs N cells at once
 (small models leave a GPU mostly idle). After every cell the seed's tables ``<out>/seed-<n>/quality-<suite>.md`` and
 ``.json`` are rewritten with what is done so far::
 
@@ -215,14 +216,14 @@ def pruning_options(suite: dict, cell: Cell, extra: list[str], learned: dict | N
 
 
 def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str], learned: dict | None = None) -> dict:
-    """Fit (unless dense), test and validate one cell, from scratch (a killed attempt's files are removed); return
-    its row. ``learned``: the one-stage cell of a ``taylor_learned_shape`` cell."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    """Fit (unless dense), test and validate one cell; return its row. What a killed attempt with the same fit
+    command left is reused (:func:`earlier_attempt`); otherwise the folder is emptied and the cell starts from
+    scratch. ``learned``: the one-stage cell of a ``taylor_learned_shape`` cell."""
     log = folder / "log.txt"
     config = ["-c", suite["config"], *extra, "--seed_everything", str(seed)]
     max_steps = config_value(suite, extra, "trainer.max_steps") * cell.multiplier
     seconds, model, report, recorded = 0.0, None, {}, {"units": None, "kept_fraction": 1.0}
+    options = []
     if cell.method != "dense":
         options = fit_options(folder / "fit", max_steps, seed)
         if cell.method == "lora":
@@ -234,13 +235,32 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
             options += ["--model.distill.weight", str(ARGS.distill_weight)]
         else:
             options += ["--model.distill", "null"]
+    command = [*config, *options]
+    earlier = earlier_attempt(folder, command, cell.method)
+    if earlier is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        earlier = {}
+    for evaluation in ("test", "validation"):  # an earlier attempt's, if it got that far
+        shutil.rmtree(folder / evaluation, ignore_errors=True)
+    if "checkpoint" in earlier:
+        options += ["--ckpt_path", earlier["checkpoint"]]
+        earlier = {"finished": {"resumed": True}}  # recorded with the cell: its seconds are the last attempt's
+    finished = earlier.get("finished", {})
+    if "seconds" not in finished:
+        (folder / ATTEMPT).write_text(json.dumps({"fit": command}) + "\n")
+    if cell.method != "dense":
         start = time.monotonic()
-        if cell.method == "taylor_after_tuning":
-            dense_steps = run_taylor_after_tuning(suite, config, options, folder, extra, max_steps, log)
-            recorded["dense_tuning_steps"] = dense_steps
-        else:
+        if "seconds" not in finished and cell.method == "taylor_after_tuning":
+            finished["dense_tuning_steps"] = run_taylor_after_tuning(
+                suite, config, options, folder, extra, max_steps, log
+            )
+        elif "seconds" not in finished:
             tailored("fit", *config, *options, log=log)
-        seconds = time.monotonic() - start
+        finished.setdefault("seconds", round(time.monotonic() - start, 1))
+        (folder / ATTEMPT).write_text(json.dumps({"fit": command, "finished": finished}) + "\n")
+        seconds = finished["seconds"]
+        recorded |= {key: value for key, value in finished.items() if key != "seconds"}
         export = max((folder / "fit" / "lightning_logs").glob("version_*/export"))
         model = str(export)
         report = json.loads((export / "pruning_report.json").read_text())
@@ -271,6 +291,29 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         "parameters": report.get("parameters", {}).get("after"),
         "seconds": round(seconds, 1),
     }
+
+
+ATTEMPT = "attempt.json"
+"""The file of a cell's run folder that records its fit command (and the fit's seconds once it finished), so that a
+later run can tell whether what it finds there is the fit it would start."""
+
+
+def earlier_attempt(folder: Path, command: list[str], method: str) -> dict | None:
+    """What an earlier attempt at this cell (a killed script) whose fit ran ``command``, exactly, left to reuse:
+    ``{"finished": {"seconds": s, ...}}`` when its fit finished (its export is kept; only the evaluations run
+    again), ``{"checkpoint": path}`` when its fit wrote a checkpoint before the kill (the fit resumes from it and ends
+    where an uninterrupted fit does: ``tailored fit --ckpt_path``, tests/train), ``{}`` when it left nothing of use;
+    None when there was no such attempt. ``taylor_after_tuning`` (two fits) reuses a finished fit only."""
+    path = folder / ATTEMPT
+    attempt = json.loads(path.read_text()) if path.is_file() else {}
+    if attempt.get("fit") != command:
+        return None
+    if "finished" in attempt and any((folder / "fit").glob("lightning_logs/version_*/export")):
+        return {"finished": attempt["finished"]}
+    last = folder / "fit" / "checkpoints" / "last.ckpt"
+    if method not in ("dense", "taylor_after_tuning") and last.is_file():
+        return {"checkpoint": str(last)}
+    return {}
 
 
 def fit_options(root: Path, steps: int, data_seed: int) -> list[str]:

@@ -211,6 +211,71 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
         quality.run_taylor_after_tuning(suite, config, options, tmp_path, ["--model.pruning.recovery", "0"], 200, None)
 
 
+class FakeTailored:
+    """``tailored fit | test | validate`` as the quality script sees them: a fit writes a checkpoint and then, unless
+    ``kill`` names it, its export; a test or validation writes its results. Records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.kill: str | None = None
+
+    def __call__(self, *args: str, log: Path) -> None:
+        self.calls.append(list(args))
+        root = Path(quality.config_value(quality.SUITES["quickstart"], list(args), "trainer.default_root_dir"))
+        if args[0] == "fit":
+            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (root / "checkpoints" / "last.ckpt").write_text("step")
+            if self.kill == "fit":
+                raise RuntimeError("tailored fit failed (exit -9)")
+            version = len(list(root.glob("lightning_logs/version_*")))
+            export = root / "lightning_logs" / f"version_{version}" / "export"
+            export.mkdir(parents=True)
+            (export / "pruning_report.json").write_text(json.dumps({"parameters": {"after": 7}}))
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        results = {"botchan": {"perplexity": 50.0, "perplexity_stderr": 1.0}}
+        (root / f"{'test' if args[0] == 'test' else 'val'}_results.json").write_text(json.dumps(results))
+        (root / "test_rows.json").write_text(json.dumps({"botchan": {"nll": [1.0], "tokens": [1.0]}}))
+        if self.kill == args[0]:
+            raise RuntimeError(f"tailored {args[0]} failed (exit -9)")
+
+    def fits(self) -> list[list[str]]:
+        return [call for call in self.calls if call[0] == "fit"]
+
+
+def test_a_killed_cell_resumes_its_fit_or_keeps_its_finished_one(tmp_path, monkeypatch):
+    """Killed in its fit: the next run resumes from the checkpoint (same command, ``--ckpt_path`` added) and marks
+    the cell resumed. Killed in its test: the fit is not run again and its seconds are kept. Another command: the
+    earlier attempt's files go and the fit starts from scratch."""
+    fake = FakeTailored()
+    monkeypatch.setattr(quality, "tailored", fake)
+    monkeypatch.setattr(quality, "ARGS", quality.parse_args(["--suite", "quickstart"]), raising=False)
+    suite, cell, folder = quality.SUITES["quickstart"], quality.Cell("lora", None), tmp_path / "lora"
+    fake.kill = "fit"
+    with pytest.raises(RuntimeError):
+        quality.run_cell(suite, cell, 0, folder, [])
+    fake.kill = None
+    row = quality.run_cell(suite, cell, 0, folder, [])
+    first, resumed = fake.fits()
+    assert resumed == [*first, "--ckpt_path", str(folder / "fit" / "checkpoints" / "last.ckpt")]
+    assert row["resumed"] and row["tasks"]["botchan"]["value"] == 50.0
+
+    fake.calls, fake.kill = [], "test"
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError):
+        quality.run_cell(suite, cell, 0, other, [])
+    seconds = json.loads((other / quality.ATTEMPT).read_text())["finished"]["seconds"]
+    fake.kill = None
+    row = quality.run_cell(suite, cell, 0, other, [])
+    assert len(fake.fits()) == 1 and row["seconds"] == seconds and "resumed" not in row
+    assert [call[0] for call in fake.calls] == ["fit", "test", "test", "validate"]
+
+    fake.calls = []
+    quality.run_cell(suite, cell, 0, other, ["--trainer.gradient_clip_val", "1.0"])
+    (fit,) = fake.fits()
+    assert "--ckpt_path" not in fit and len(list(other.glob("fit/lightning_logs/version_*"))) == 1
+
+
 LABELS = torch.tensor([0] * 60 + [1] * 40 + [2] * 20)  # 120 PubMedQA-like rows, unbalanced
 
 
