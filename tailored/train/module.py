@@ -33,7 +33,7 @@ from tailored.train import checkpoints
 from tailored.train.decision import MaskSettling, agreement_with_importance, masked_base_loss
 from tailored.train.evaluation import HeldOutEvaluation
 from tailored.train.exporting import export_run
-from tailored.train.optimization import build_optimizer
+from tailored.train.optimization import build_optimizer, learning_rate_factor, scale_learning_rates
 from tailored.train.schedule import PHASES, Schedule
 from tailored.train.settings import (
     DistillSettings,
@@ -111,7 +111,12 @@ class TailoredModule(HeldOutEvaluation):
         if stage == "fit":
             trainer = self.trainer
             check_fit(
-                trainer.max_steps, self.pruning_settings, self.distill_settings, trainer.world_size, is_sharded(self)
+                trainer.max_steps,
+                self.pruning_settings,
+                self.distill_settings,
+                trainer.world_size,
+                is_sharded(self),
+                self.optimizer_settings.warmup_steps,
             )
             check_tokenizer(self)
         self.tasks = self.trainer.datamodule.tasks
@@ -301,7 +306,11 @@ class TailoredModule(HeldOutEvaluation):
                 parameter.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
+        """The tuned weights' learning rate of this step (``optimizer.schedule``, logged as ``optimizer/tuned_lr``).
+        FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
+        factor = learning_rate_factor(self.global_step, self.trainer.max_steps, self.optimizer_settings)
+        scale_learning_rates(optimizer, factor)
+        self.log("optimizer/tuned_lr", optimizer.param_groups[0]["lr"])
         if self.target is not None and is_sharded(self):
             average_gradients(self.gates.parameters())
 

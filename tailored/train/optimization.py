@@ -1,6 +1,9 @@
-"""The optimiser: AdamW with one group per kind of trainable parameter, sizes printed."""
+"""The optimiser: AdamW with one group per kind of trainable parameter, sizes printed; the tuned weights' learning
+rate schedule."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,10 +17,11 @@ def optimizer_groups(module, settings: OptimizerSettings) -> list[dict]:
     tuned = [p for p in module.model.parameters() if p.requires_grad]
     every_weight = module.pruned_now and module.pruning_settings.recovery_weights == "all"
     lr = settings.weights_lr if every_weight else settings.lora_lr
-    groups = [{"name": "tuned", "params": tuned, "lr": lr, "weight_decay": settings.weight_decay}]
+    groups = [{"name": "tuned", "params": tuned, "lr": lr, "peak_lr": lr, "weight_decay": settings.weight_decay}]
     if module.corrected_teacher is not None:
         teacher = list(module.corrected_teacher.parameters())
-        groups.append({"name": "teacher", "params": teacher, "lr": settings.lora_lr, "weight_decay": 0.0})
+        lr = settings.lora_lr
+        groups.append({"name": "teacher", "params": teacher, "lr": lr, "peak_lr": lr, "weight_decay": 0.0})
     if module.target is not None:
         gates = module.gates
         multipliers = [gates.lambda_1, gates.lambda_2]
@@ -41,3 +45,31 @@ def build_optimizer(module, settings: OptimizerSettings) -> torch.optim.Optimize
         count = sum(p.numel() for p in group["params"])
         print(f"optimiser group {group['name']:<12} {len(group['params']):>5} tensors {count:>12,} parameters")
     return torch.optim.AdamW(groups)
+
+
+FINAL_LR_RATIO = 0.1
+"""Where ``cosine`` ends, as a share of the peak rate (Llama 2's pretraining schedule ends at 10%:
+Touvron et al. 2023, "Llama 2", section 2.2)."""
+
+
+def learning_rate_factor(step: int, max_steps: int, settings: OptimizerSettings) -> float:
+    """The share of its peak rate that the tuned weights train with at ``step`` (0-based) of ``max_steps``: a
+    linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1 (``constant``) or
+    ``r + (1 - r) * (1 + cos(pi * t)) / 2`` (``cosine``, ``r`` = :data:`FINAL_LR_RATIO`, ``t`` the share of the
+    steps after the warm-up that are done; Loshchilov & Hutter 2017, "SGDR", without restarts). A function of the
+    step alone: a resumed run, and the optimiser rebuilt at the "prune now" transition, follow the same curve."""
+    warmup = settings.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if settings.schedule == "constant":
+        return 1.0
+    done = (step - warmup) / max(max_steps - 1 - warmup, 1)
+    return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * (1 + math.cos(math.pi * min(done, 1.0))) / 2
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set each scheduled group's rate (those with a ``peak_lr``: the tuned weights, a corrected teacher's
+    adapters) to ``factor`` times its peak; the gates and multipliers keep theirs."""
+    for group in optimizer.param_groups:
+        if "peak_lr" in group:
+            group["lr"] = group["peak_lr"] * factor

@@ -177,6 +177,9 @@ class PruningSettings:
         return self.method != "one_stage"
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class OptimizerSettings:
     """AdamW learning rates of the three trainable groups."""
@@ -193,15 +196,22 @@ class OptimizerSettings:
     """Every weight of the pruned model, when pruning.recovery_weights is all."""
     weight_decay: float = 0.0
     """Weight decay of the tuned weights (LoRA adapters, or all weights after pruning)."""
+    schedule: str = "constant"
+    """The tuned weights' learning rate over the run (tailored.train.optimization.learning_rate_factor):
+    ``constant``, or ``cosine``, from the rate above down to a tenth of it at ``trainer.max_steps``."""
+    warmup_steps: int = 0
+    """Steps over which the tuned weights' learning rate rises linearly from 0 to its rate (0: none)."""
 
     def check(self) -> None:
-        """Raise a ``ValueError`` naming the first learning rate or decay that cannot work."""
+        """Raise a ``ValueError`` naming the first learning rate, decay or schedule that cannot work."""
         for name in ("lora_lr", "gates_lr", "generator_lr", "weights_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"optimizer.{name} must be positive, got {getattr(self, name)}")
-        for name in ("multipliers_lr", "weight_decay"):
+        for name in ("multipliers_lr", "weight_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
 
 
 TEACHERS = ("tuned", "base", "corrected")
@@ -277,13 +287,18 @@ def check_fit(
     distill: DistillSettings | None,
     processes: int,
     sharded: bool,
+    warmup_steps: int = 0,
 ) -> None:
     """Raise a ``ValueError`` for trainer settings a fit cannot run with (``processes``: the world size;
-    ``sharded``: FSDP)."""
+    ``sharded``: FSDP; ``warmup_steps``: the learning rate's, ``optimizer.warmup_steps``)."""
     if max_steps is None or max_steps <= 0:
         raise ValueError(
             f"trainer.max_steps must be a positive number of steps, got {max_steps}: the pruning phases are "
             "scheduled over a fixed number of steps"
+        )
+    if warmup_steps >= max_steps:
+        raise ValueError(
+            f"optimizer.warmup_steps ({warmup_steps}) must be below trainer.max_steps ({max_steps}); lower it"
         )
     swaps_model = pruning is not None and (pruning.two_stage or pruning.prune_at_recovery)
     if swaps_model and (processes > 1 or sharded):

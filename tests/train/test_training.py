@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import ROOT, TARGET, scalars, write_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
@@ -19,6 +20,8 @@ from tailored.cli import main, run
 from tailored.core.structure import UnsupportedModelError
 from tailored.data.datamodule import DomainData, MixtureStream
 from tailored.data.tasks import Task
+from tailored.train.optimization import FINAL_LR_RATIO, learning_rate_factor
+from tailored.train.settings import OptimizerSettings
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +154,24 @@ def test_two_processes_train_the_same_gates_and_export_once(tmp_path, tiny_model
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_text):
-    """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers and data
-    position continue from the checkpoint, and the run finishes and exports."""
+    """SIGKILL after step 25 (checkpoint at 20), resume with ``--ckpt_path last``: gates, multipliers, data
+    position and the learning rate schedule (warm-up, cosine) continue from the checkpoint, and the run finishes
+    and exports what an uninterrupted run does."""
     record = tmp_path / "start.pt"
     trainer = {
         "accelerator": "cpu",
         "max_steps": 60,
         "val_check_interval": 30,
+        "log_every_n_steps": 1,
         "default_root_dir": str(tmp_path / "run"),
         "enable_progress_bar": False,
     }
+    optimizer = {"lora_lr": 0.001, "schedule": "cosine", "warmup_steps": 10}
+    model = {"model": str(tiny_model_dir), "pruning": {"target": TARGET, "round_to": 1}, "optimizer": optimizer}
 
     def fit(callbacks: list[dict], *extra: str) -> subprocess.CompletedProcess:
         config = write_config(
-            tmp_path / "tiny.yaml", tiny_model_dir, tiny_text, trainer=trainer | {"callbacks": callbacks}
+            tmp_path / "tiny.yaml", tiny_model_dir, tiny_text, trainer=trainer | {"callbacks": callbacks}, model=model
         )
         env = os.environ | {"PYTHONPATH": str(ROOT / "tests")}
         command = [sys.executable, "-m", "tailored.cli", "fit", "-c", str(config), *extra]
@@ -205,6 +212,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir,
     end, expected_end = torch.load(tmp_path / "resumed.rank0.pt"), torch.load(tmp_path / "whole.rank0.pt")
     for name, value in expected_end["state"].items():  # same data, gate noise, optimiser: the same result
         torch.testing.assert_close(end["state"][name], value, rtol=1e-4, atol=1e-4, msg=name)  # not bitwise: ~1e-6
+    events = EventAccumulator(str(tmp_path / "uninterrupted" / "lightning_logs" / "version_0"))
+    events.Reload()
+    rates = {event.step: event.value for event in events.Scalars("optimizer/tuned_lr")}
+    settings = OptimizerSettings(**optimizer)
+    assert len(rates) == 60 and rates[0] == pytest.approx(0.001 / 10)  # the warm-up's first step
+    for step, rate in rates.items():  # through the transition (step 48), where the optimiser is rebuilt
+        assert rate == pytest.approx(0.001 * learning_rate_factor(step, 60, settings), rel=1e-6), step
+    assert rates[59] == pytest.approx(0.001 * FINAL_LR_RATIO)
+
+
+def test_the_cosine_schedule_warms_up_then_falls_to_a_tenth_and_constant_stays():
+    cosine = [
+        learning_rate_factor(step, 25, OptimizerSettings(schedule="cosine", warmup_steps=4)) for step in range(25)
+    ]
+    assert cosine[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert cosine[14] == pytest.approx((1 + FINAL_LR_RATIO) / 2) and cosine[24] == pytest.approx(FINAL_LR_RATIO)
+    assert all(later <= earlier for earlier, later in zip(cosine[4:], cosine[5:], strict=False))
+    constant = [learning_rate_factor(step, 25, OptimizerSettings(warmup_steps=2)) for step in range(25)]
+    assert constant[:3] == [0.5, 1.0, 1.0] and set(constant[2:]) == {1.0}
 
 
 @pytest.fixture
