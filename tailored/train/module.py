@@ -306,9 +306,11 @@ class TailoredModule(HeldOutEvaluation):
                 parameter.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The tuned weights' learning rate of this step (``optimizer.schedule``, logged as ``optimizer/tuned_lr``).
+        """The tuned weights' learning rate of this step (``optimizer.schedule``, logged as ``optimizer/tuned_lr``;
+        a cosine decays from the step the gates froze, where the final model's tuning starts, or from step 0).
         FSDP shards and reduces the model's gradients only; the replicated gates' are averaged here."""
-        factor = learning_rate_factor(self.global_step, self.trainer.max_steps, self.optimizer_settings)
+        decay_start = 0 if self.target is None else None if self.decision is None else self.decision["step"]
+        factor = learning_rate_factor(self.global_step, self.trainer.max_steps, self.optimizer_settings, decay_start)
         scale_learning_rates(optimizer, factor)
         self.log("optimizer/tuned_lr", optimizer.param_groups[0]["lr"])
         if self.target is not None and is_sharded(self):

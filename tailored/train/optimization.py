@@ -52,18 +52,21 @@ FINAL_LR_RATIO = 0.1
 Touvron et al. 2023, "Llama 2", section 2.2)."""
 
 
-def learning_rate_factor(step: int, max_steps: int, settings: OptimizerSettings) -> float:
+def learning_rate_factor(step: int, max_steps: int, settings: OptimizerSettings, decay_start: int | None) -> float:
     """The share of its peak rate that the tuned weights train with at ``step`` (0-based) of ``max_steps``: a
-    linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1 (``constant``) or
-    ``r + (1 - r) * (1 + cos(pi * t)) / 2`` (``cosine``, ``r`` = :data:`FINAL_LR_RATIO`, ``t`` the share of the
-    steps after the warm-up that are done; Loshchilov & Hutter 2017, "SGDR", without restarts). A function of the
-    step alone: a resumed run, and the optimiser rebuilt at the "prune now" transition, follow the same curve."""
+    linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then 1 (``constant``, and
+    ``cosine`` before ``decay_start``), or from ``decay_start`` on ``r + (1 - r) * (1 + cos(pi * t)) / 2``
+    (``cosine``, ``r`` = :data:`FINAL_LR_RATIO`, ``t`` the share of the steps from ``decay_start`` that are done;
+    Loshchilov & Hutter 2017, "SGDR", one cycle). ``decay_start``: the step from which the final model is tuned
+    (None: not known yet). A function of the step and of that step alone: a resumed run, and the optimiser rebuilt
+    at the "prune now" transition, follow the same curve."""
     warmup = settings.warmup_steps
     if step < warmup:
         return (step + 1) / warmup
-    if settings.schedule == "constant":
+    if settings.schedule == "constant" or decay_start is None or step < decay_start:
         return 1.0
-    done = (step - warmup) / max(max_steps - 1 - warmup, 1)
+    start = max(decay_start, warmup)
+    done = (step - start) / max(max_steps - 1 - start, 1)
     return FINAL_LR_RATIO + (1 - FINAL_LR_RATIO) * (1 + math.cos(math.pi * min(done, 1.0))) / 2
 
 

@@ -198,7 +198,9 @@ class OptimizerSettings:
     """Weight decay of the tuned weights (LoRA adapters, or all weights after pruning)."""
     schedule: str = "constant"
     """The tuned weights' learning rate over the run (tailored.train.optimization.learning_rate_factor):
-    ``constant``, or ``cosine``, from the rate above down to a tenth of it at ``trainer.max_steps``."""
+    ``constant``, or ``cosine``: constant until the final model's tuning starts (step 0 without pruning or with a
+    two-stage baseline, the step the gates freeze in a one-stage run), then down to a tenth at
+    ``trainer.max_steps``."""
     warmup_steps: int = 0
     """Steps over which the tuned weights' learning rate rises linearly from 0 to its rate (0: none)."""
 

@@ -217,19 +217,22 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir,
     rates = {event.step: event.value for event in events.Scalars("optimizer/tuned_lr")}
     settings = OptimizerSettings(**optimizer)
     assert len(rates) == 60 and rates[0] == pytest.approx(0.001 / 10)  # the warm-up's first step
-    for step, rate in rates.items():  # through the transition (step 48), where the optimiser is rebuilt
-        assert rate == pytest.approx(0.001 * learning_rate_factor(step, 60, settings), rel=1e-6), step
+    assert rates[47] == pytest.approx(0.001)  # the peak until the gates freeze at step 48 (and the model is pruned)
+    for step, rate in rates.items():  # then the cosine, through the rebuilt optimiser
+        assert rate == pytest.approx(0.001 * learning_rate_factor(step, 60, settings, 48), rel=1e-6), step
     assert rates[59] == pytest.approx(0.001 * FINAL_LR_RATIO)
 
 
-def test_the_cosine_schedule_warms_up_then_falls_to_a_tenth_and_constant_stays():
-    cosine = [
-        learning_rate_factor(step, 25, OptimizerSettings(schedule="cosine", warmup_steps=4)) for step in range(25)
-    ]
+def test_the_cosine_schedule_warms_up_then_falls_to_a_tenth_from_its_start_and_constant_stays():
+    settings = OptimizerSettings(schedule="cosine", warmup_steps=4)
+    cosine = [learning_rate_factor(step, 25, settings, 0) for step in range(25)]
     assert cosine[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert cosine[14] == pytest.approx((1 + FINAL_LR_RATIO) / 2) and cosine[24] == pytest.approx(FINAL_LR_RATIO)
     assert all(later <= earlier for earlier, later in zip(cosine[4:], cosine[5:], strict=False))
-    constant = [learning_rate_factor(step, 25, OptimizerSettings(warmup_steps=2)) for step in range(25)]
+    late = [learning_rate_factor(step, 25, settings, 14) for step in range(25)]  # the gates froze at step 14
+    assert late[4:15] == [1.0] * 11 and late[19] == pytest.approx((1 + FINAL_LR_RATIO) / 2)
+    assert [learning_rate_factor(step, 25, settings, None) for step in range(4, 25)] == [1.0] * 21  # not yet frozen
+    constant = [learning_rate_factor(step, 25, OptimizerSettings(warmup_steps=2), 0) for step in range(25)]
     assert constant[:3] == [0.5, 1.0, 1.0] and set(constant[2:]) == {1.0}
 
 
