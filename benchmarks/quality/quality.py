@@ -247,15 +247,16 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         options += ["--ckpt_path", earlier["checkpoint"]]
         earlier = {"finished": {"resumed": True}}  # recorded with the cell: its seconds are the last attempt's
     finished = earlier.get("finished", {})
-    if "seconds" not in finished:
+    fit_needed = "seconds" not in finished  # no earlier fit of this command got to its end
+    if fit_needed:
         (folder / ATTEMPT).write_text(json.dumps({"fit": command}) + "\n")
     if cell.method != "dense":
         start = time.monotonic()
-        if "seconds" not in finished and cell.method == "taylor_after_tuning":
+        if fit_needed and cell.method == "taylor_after_tuning":
             finished["dense_tuning_steps"] = run_taylor_after_tuning(
                 suite, config, options, folder, extra, max_steps, log
             )
-        elif "seconds" not in finished:
+        elif fit_needed:
             tailored("fit", *config, *options, log=log)
         finished.setdefault("seconds", round(time.monotonic() - start, 1))
         (folder / ATTEMPT).write_text(json.dumps({"fit": command, "finished": finished}) + "\n")
