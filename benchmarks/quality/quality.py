@@ -240,14 +240,14 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
     if earlier is None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        earlier = {}
+        earlier = Attempt()
     for evaluation in ("test", "validation"):  # an earlier attempt's, if it got that far
         shutil.rmtree(folder / evaluation, ignore_errors=True)
-    if "checkpoint" in earlier:
-        options += ["--ckpt_path", earlier["checkpoint"]]
-        earlier = {"finished": {"resumed": True}}  # recorded with the cell: its seconds are the last attempt's
-    finished = earlier.get("finished", {})
-    fit_needed = "seconds" not in finished  # no earlier fit of this command got to its end
+    finished = dict(earlier.finished or {})
+    if earlier.checkpoint is not None:
+        options += ["--ckpt_path", earlier.checkpoint]
+        finished["resumed"] = True  # recorded with the cell: its seconds are the last attempt's
+    fit_needed = earlier.finished is None
     if fit_needed:
         (folder / ATTEMPT).write_text(json.dumps({"fit": command}) + "\n")
     if cell.method != "dense":
@@ -299,22 +299,30 @@ ATTEMPT = "attempt.json"
 later run can tell whether what it finds there is the fit it would start."""
 
 
-def earlier_attempt(folder: Path, command: list[str], method: str) -> dict | None:
-    """What an earlier attempt at this cell (a killed script) whose fit ran ``command``, exactly, left to reuse:
-    ``{"finished": {"seconds": s, ...}}`` when its fit finished (its export is kept; only the evaluations run
-    again), ``{"checkpoint": path}`` when its fit wrote a checkpoint before the kill (the fit resumes from it and ends
-    where an uninterrupted fit does: ``tailored fit --ckpt_path``, tests/train), ``{}`` when it left nothing of use;
-    None when there was no such attempt. ``taylor_after_tuning`` (two fits) reuses a finished fit only."""
+class Attempt(NamedTuple):
+    """What an earlier attempt at a cell, whose fit ran the same command, left to reuse."""
+
+    finished: dict | None = None
+    """The finished fit's record (``{"seconds": s, ...}``): its export is kept, only the evaluations run again."""
+    checkpoint: str | None = None
+    """The last checkpoint of a fit killed before its end: the fit resumes from it and ends where an uninterrupted
+    fit does (``tailored fit --ckpt_path``, tests/train)."""
+
+
+def earlier_attempt(folder: Path, command: list[str], method: str) -> Attempt | None:
+    """What an earlier attempt at this cell (a killed script) whose fit ran ``command``, exactly, left to reuse
+    (an empty :class:`Attempt` when nothing of use); None when there was no such attempt. ``taylor_after_tuning``
+    (two fits) reuses a finished fit only."""
     path = folder / ATTEMPT
     attempt = json.loads(path.read_text()) if path.is_file() else {}
     if attempt.get("fit") != command:
         return None
     if "finished" in attempt and any((folder / "fit").glob("lightning_logs/version_*/export")):
-        return {"finished": attempt["finished"]}
+        return Attempt(finished=attempt["finished"])
     last = folder / "fit" / "checkpoints" / "last.ckpt"
     if method not in ("dense", "taylor_after_tuning") and last.is_file():
-        return {"checkpoint": str(last)}
-    return {}
+        return Attempt(checkpoint=str(last))
+    return Attempt()
 
 
 def fit_options(root: Path, steps: int, data_seed: int) -> list[str]:
