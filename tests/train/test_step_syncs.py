@@ -14,7 +14,7 @@ import torch
 from tailored.data.datamodule import DomainData
 from tailored.data.tasks import Task
 from tailored.train.module import TailoredModule
-from tailored.train.settings import DistillSettings, PruningSettings
+from tailored.train.settings import DistillSettings, OptimizerSettings, PruningSettings
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 """The tensor methods that return a host value: on a device tensor, each synchronises."""
@@ -50,14 +50,11 @@ class CountReads(L.Callback):
         self.counting = False
 
 
-@pytest.mark.parametrize("distill", [None, DistillSettings()], ids=["lm", "distill"])
-def test_a_training_step_reads_no_device_value_between_logging_steps(tiny_model_dir, tiny_text, monkeypatch, distill):
-    module = TailoredModule(
-        model=str(tiny_model_dir),
-        pruning=PruningSettings(target=0.6, round_to=1, importance=None, recovery=0.0),
-        distill=distill,
-    )
-    data = DomainData([Task(name="words", source=str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=32)
+def host_reads_per_step(
+    module: TailoredModule, data: DomainData, monkeypatch, **trainer_options
+) -> collections.Counter:
+    """Fit ``module`` for :data:`STEPS` steps; the host reads of the steps between the first and the last (the
+    logging steps), counted by where they came from."""
     reads = CountReads(monkeypatch)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -70,11 +67,36 @@ def test_a_training_step_reads_no_device_value_between_logging_steps(tiny_model_
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=[reads],
+        **trainer_options,
     )
     trainer.fit(module, datamodule=data)
     assert len(reads.per_batch) == STEPS
-    counts = collections.Counter(read for batch in reads.per_batch[1 : STEPS - 1] for read in batch)
-    assert not counts, f"host reads per step: {dict(counts)}"
     reads.on_train_batch_start(trainer, module, None, STEPS)
     torch.ones(()).item()
     assert len(reads.per_batch[-1]) == 1  # the counter counts
+    return collections.Counter(read for batch in reads.per_batch[1 : STEPS - 1] for read in batch)
+
+
+@pytest.mark.parametrize("distill", [None, DistillSettings()], ids=["lm", "distill"])
+def test_a_training_step_reads_no_device_value_between_logging_steps(tiny_model_dir, tiny_text, monkeypatch, distill):
+    module = TailoredModule(
+        model=str(tiny_model_dir),
+        pruning=PruningSettings(target=0.6, round_to=1, importance=None, recovery=0.0),
+        distill=distill,
+    )
+    data = DomainData([Task(name="words", source=str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=32)
+    counts = host_reads_per_step(module, data, monkeypatch)
+    assert not counts, f"host reads per step: {dict(counts)}"
+
+
+def test_clipping_and_a_cosine_rate_read_no_device_value(tiny_model_dir, tiny_text, monkeypatch):
+    """The gradient norm clipped (``trainer.gradient_clip_val``) and the rate scheduled (warm-up, then cosine from
+    step 0 of a two-stage run, whose model is pruned before the first step): still no host read."""
+    module = TailoredModule(
+        model=str(tiny_model_dir),
+        pruning=PruningSettings(target=0.6, round_to=1, method="taylor"),
+        optimizer=OptimizerSettings(schedule="cosine", warmup_steps=2),
+    )
+    data = DomainData([Task(name="words", source=str(tiny_text))], tokenizer=str(tiny_model_dir), seq_len=32)
+    counts = host_reads_per_step(module, data, monkeypatch, gradient_clip_val=1.0)
+    assert not counts, f"host reads per step: {dict(counts)}"
