@@ -43,6 +43,7 @@ which a model without skill answers on every row (its accuracy stays in the cell
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -236,7 +237,8 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         else:
             options += ["--model.distill", "null"]
     command = [*config, *options]
-    earlier = earlier_attempt(folder, command, cell.method)
+    record = {"fit": command, "config_sha256": config_digest(suite)}
+    earlier = earlier_attempt(folder, record, cell.method)
     if earlier is None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -249,7 +251,7 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         finished["resumed"] = True  # recorded with the cell: its seconds are the last attempt's
     fit_needed = earlier.finished is None
     if fit_needed:
-        (folder / ATTEMPT).write_text(json.dumps({"fit": command}) + "\n")
+        (folder / ATTEMPT).write_text(json.dumps(record) + "\n")
     if cell.method != "dense":
         start = time.monotonic()
         if fit_needed and cell.method == "taylor_after_tuning":
@@ -259,7 +261,7 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         elif fit_needed:
             tailored("fit", *config, *options, log=log)
         finished.setdefault("seconds", round(time.monotonic() - start, 1))
-        (folder / ATTEMPT).write_text(json.dumps({"fit": command, "finished": finished}) + "\n")
+        (folder / ATTEMPT).write_text(json.dumps(record | {"finished": finished}) + "\n")
         seconds = finished["seconds"]
         recorded |= {key: value for key, value in finished.items() if key != "seconds"}
         export = max((folder / "fit" / "lightning_logs").glob("version_*/export"))
@@ -295,8 +297,14 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
 
 
 ATTEMPT = "attempt.json"
-"""The file of a cell's run folder that records its fit command (and the fit's seconds once it finished), so that a
-later run can tell whether what it finds there is the fit it would start."""
+"""The file of a cell's run folder that records its fit command and the digest of the config file it reads (and the
+fit's seconds once it finished), so that a later run can tell whether what it finds there is the fit it would
+start: the same command on an edited config is another fit."""
+
+
+def config_digest(suite: dict) -> str:
+    """SHA-256 of the suite's config file as it is now."""
+    return hashlib.sha256((ROOT / suite["config"]).read_bytes()).hexdigest()
 
 
 class Attempt(NamedTuple):
@@ -309,13 +317,13 @@ class Attempt(NamedTuple):
     fit does (``tailored fit --ckpt_path``, tests/train)."""
 
 
-def earlier_attempt(folder: Path, command: list[str], method: str) -> Attempt | None:
-    """What an earlier attempt at this cell (a killed script) whose fit ran ``command``, exactly, left to reuse
-    (an empty :class:`Attempt` when nothing of use); None when there was no such attempt. ``taylor_after_tuning``
-    (two fits) reuses a finished fit only."""
+def earlier_attempt(folder: Path, record: dict, method: str) -> Attempt | None:
+    """What an earlier attempt at this cell (a killed script) whose fit was ``record`` (its command and config
+    digest), exactly, left to reuse (an empty :class:`Attempt` when nothing of use); None when there was no such
+    attempt. ``taylor_after_tuning`` (two fits) reuses a finished fit only."""
     path = folder / ATTEMPT
     attempt = json.loads(path.read_text()) if path.is_file() else {}
-    if attempt.get("fit") != command:
+    if any(attempt.get(key) != value for key, value in record.items()):
         return None
     if "finished" in attempt and any((folder / "fit").glob("lightning_logs/version_*/export")):
         return Attempt(finished=attempt["finished"])

@@ -245,8 +245,8 @@ class FakeTailored:
 
 def test_a_killed_cell_resumes_its_fit_or_keeps_its_finished_one(tmp_path, monkeypatch):
     """Killed in its fit: the next run resumes from the checkpoint (same command, ``--ckpt_path`` added) and marks
-    the cell resumed. Killed in its test: the fit is not run again and its seconds are kept. Another command: the
-    earlier attempt's files go and the fit starts from scratch."""
+    the cell resumed. Killed in its test: the fit is not run again and its seconds are kept. Another command, or the
+    same one on an edited config: the earlier attempt's files go and the fit starts from scratch."""
     fake = FakeTailored()
     monkeypatch.setattr(quality, "tailored", fake)
     monkeypatch.setattr(quality, "ARGS", quality.parse_args(["--suite", "quickstart"]), raising=False)
@@ -271,6 +271,15 @@ def test_a_killed_cell_resumes_its_fit_or_keeps_its_finished_one(tmp_path, monke
     assert [call[0] for call in fake.calls] == ["fit", "test", "test", "validate"]
 
     fake.calls = []
+    quality.run_cell(suite, cell, 0, other, ["--trainer.gradient_clip_val", "1.0"])
+    (fit,) = fake.fits()
+    assert "--ckpt_path" not in fit and len(list(other.glob("fit/lightning_logs/version_*"))) == 1
+
+    fake.calls = []  # the same command again, on an edited config: another fit, from scratch
+    edited = tmp_path / "root" / suite["config"]
+    edited.parent.mkdir(parents=True)
+    edited.write_text((quality.ROOT / suite["config"]).read_text() + "# edited\n")
+    monkeypatch.setattr(quality, "ROOT", tmp_path / "root")
     quality.run_cell(suite, cell, 0, other, ["--trainer.gradient_clip_val", "1.0"])
     (fit,) = fake.fits()
     assert "--ckpt_path" not in fit and len(list(other.glob("fit/lightning_logs/version_*"))) == 1
