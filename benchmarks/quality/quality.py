@@ -308,7 +308,7 @@ def config_digest(suite: dict) -> str:
 
 
 class Attempt(NamedTuple):
-    """What an earlier attempt at a cell, whose fit ran the same command, left to reuse."""
+    """What an earlier attempt at a cell, whose fit ran the same command on the same config file, left to reuse."""
 
     finished: dict | None = None
     """The finished fit's record (``{"seconds": s, ...}``): its export is kept, only the evaluations run again."""
