@@ -201,6 +201,7 @@ def clip_on_two_ranks(rank: int, address: str, algorithm: str, grads: list[torch
     gathered = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in parameters]
     if rank == 0:
         torch.save(gathered, out)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks (CI saw SIGABRT)
     torch.distributed.destroy_process_group()
 
 
