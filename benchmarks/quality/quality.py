@@ -29,6 +29,13 @@ pruning to the shape the one-stage cell of the same seed and budgets learned: th
 path without its gates. ``--distill one_stage ...`` also runs the named methods with distillation from the dense
 teacher (for ``taylor_after_tuning``: the tuned dense model it prunes).
 
+``--vocabulary`` trims every pruned cell's vocabulary to the tokens of the domain's training split
+(``pruning.vocabulary``, docs/vocabulary.md) and gives the embedding rows it removes to the pruned units: the export
+still has ``total_kept`` of the dense model's parameters (:func:`prunable_target` with the kept token count, which
+:func:`domain_vocabulary_size` finds before the fit; the fit's own count is checked against it). Every test and
+validation counts language-modelling loss per token of the config's tokenizer (``data.reference_tokenizer``), so a
+trimmed export's perplexity is measured on the same text as the others' and compares with theirs.
+
 ``pct_of_tuned`` is each task's primary metric as a share of the LoRA-tuned model's (:func:`share`): perplexity
 inverted, and the skill above chance for accuracies, ``(m - chance) / (m_tuned - chance)``. A task whose tuned model
 is within two standard errors of chance is unmeasurable: shown, and left out of the average (the *skill average*).
@@ -43,6 +50,7 @@ which a model without skill answers on every row (its accuracy stays in the cell
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -117,22 +125,28 @@ class Cell(NamedTuple):
     multiplier: int = 1
     """Token budget: this many times the config's ``trainer.max_steps``."""
     distill: bool = False
+    vocabulary: bool = False
+    """The export keeps the domain's tokens only (``pruning.vocabulary``); what that frees goes to the structure."""
 
     @property
     def name(self) -> str:
-        return cell_name(self.method, self.total_kept, self.multiplier, self.distill)
+        return cell_name(self.method, self.total_kept, self.multiplier, self.distill, self.vocabulary)
 
 
-def cell_name(method: str, total_kept: float | None, multiplier: int = 1, distill: bool = False) -> str:
-    """``<method>[-<total kept>][-x<multiplier>][-distill]``, e.g. ``taylor-0.75-x4``."""
+def cell_name(
+    method: str, total_kept: float | None, multiplier: int = 1, distill: bool = False, vocabulary: bool = False
+) -> str:
+    """``<method>[-<total kept>][-x<multiplier>][-distill][-vocab]``, e.g. ``taylor-0.75-x4``."""
     name = method if total_kept is None else f"{method}-{total_kept:g}"
-    return name + (f"-x{multiplier}" if multiplier != 1 else "") + ("-distill" if distill else "")
+    name += (f"-x{multiplier}" if multiplier != 1 else "") + ("-distill" if distill else "")
+    return name + ("-vocab" if vocabulary else "")
 
 
 def row_name(row: dict) -> str:
     """A finished cell's name; older cells (budgets as kept fractions of prunable) keep theirs."""
     kept = row.get("total_kept", row.get("kept_fraction")) if row["method"] not in ("dense", "lora") else None
-    return cell_name(row["method"], kept, row.get("steps_multiplier", 1), row["distill"])
+    vocabulary = row.get("kept_tokens") is not None
+    return cell_name(row["method"], kept, row.get("steps_multiplier", 1), row["distill"], vocabulary)
 
 
 def budget(row: dict) -> tuple:
@@ -172,21 +186,51 @@ def chance_levels(suite_name: str) -> dict[str, float | None]:
     }
 
 
-def prunable_target(model: str, units: list[str], total_kept: float) -> float:
+def prunable_target(model: str, units: list[str], total_kept: float, kept_tokens: int | None = None) -> float:
     """The kept fraction of the prunable parameters of ``units`` that leaves ``total_kept`` of the model's total:
-    ``(total_kept * N - fixed) / (N - fixed)``, ``fixed`` the parameters those units cannot remove."""
+    ``(total_kept * N - fixed) / (N - fixed)``, ``fixed`` the parameters those units cannot remove. With
+    ``kept_tokens`` (a trimmed vocabulary) the numerator's ``fixed`` is counted with that vocabulary: the rows it
+    removes go to the pruned units, and the export still has ``total_kept * N`` parameters."""
     from tailored.core.structure import structure_from_config  # imported here: the tables need no model
     from tailored.core.targets import prunable_bounds
     from tailored.models import load_config
 
-    fixed, full = prunable_bounds(structure_from_config(load_config(model)), tuple(units))
-    fraction = (total_kept * full - fixed) / (full - fixed)
+    structure = structure_from_config(load_config(model))
+    fixed, full = prunable_bounds(structure, tuple(units))
+    prunable = full - fixed
+    if kept_tokens is not None:
+        if "hidden" in units:  # the embedding rows shrink with the hidden dims: not a fixed count
+            raise ValueError("a trimmed vocabulary's budget is counted with the hidden size unpruned; drop hidden")
+        fixed = prunable_bounds(dataclasses.replace(structure, vocab_size=kept_tokens), tuple(units))[0]
+    fraction = (total_kept * full - fixed) / prunable
     if not 0 < fraction < 1:
         raise ValueError(
             f"total kept {total_kept:g} cannot be met by pruning {units}: they cannot remove {fixed / full:.1%} of "
             "the model; prune more unit types or keep more"
         )
     return fraction
+
+
+def domain_vocabulary_size(suite: dict, extra: list[str]) -> int:
+    """How many tokens ``pruning.vocabulary`` (keep_top 0) keeps for the suite's training split: the count the
+    fit will find (:func:`tailored.train.vocabulary.domain_token_ids`), known before it starts."""
+    from transformers import GenerationConfig
+
+    from tailored.core.vocabulary import config_token_ids, kept_token_ids
+    from tailored.data.datamodule import DomainData
+    from tailored.models import load_config, resolve_model
+
+    model = config_value(suite, extra, "model.model")
+    tasks = [Task(**task) for task in config_value(suite, extra, "data.tasks")]
+    data_dir, seq_len = ROOT / config_value(suite, extra, "data.data_dir"), config_value(suite, extra, "data.seq_len")
+    data = DomainData(tasks, tokenizer=model, seq_len=seq_len, data_dir=str(data_dir))
+    data.setup("fit")
+    try:
+        generation = GenerationConfig.from_pretrained(resolve_model(model))
+    except OSError:  # no generation_config.json: the model's is made from its config
+        generation = None
+    sequences = (example["input_ids"] for examples in data.train_examples for example in examples)
+    return len(kept_token_ids(data.tokenizer, sequences, 0, config_token_ids(load_config(model), generation)))
 
 
 def tailored(*args: str, log: Path) -> None:
@@ -208,12 +252,21 @@ def pruning_options(suite: dict, cell: Cell, extra: list[str], learned: dict | N
         units, shape = learned["units"], learned["shape"]
         options = ["--model.pruning.target", "null", "--model.pruning.target_shape", json.dumps(shape)]
         options += ["--model.pruning.units", json.dumps(units), "--model.pruning.method", "taylor"]
-        return options, {"units": units, "target_shape": shape, "kept_fraction": None}
+        kept_tokens = learned.get("kept_tokens")
+        options += vocabulary_options(cell)
+        return options, {"units": units, "target_shape": shape, "kept_fraction": None, "kept_tokens": kept_tokens}
     units = GRID.get(cell.method) or config_value(suite, extra, "model.pruning.units")
-    fraction = prunable_target(config_value(suite, extra, "model.model"), units, cell.total_kept)
+    kept_tokens = domain_vocabulary_size(suite, extra) if cell.vocabulary else None
+    fraction = prunable_target(config_value(suite, extra, "model.model"), units, cell.total_kept, kept_tokens)
     method = "taylor" if cell.method in (*GRID, "taylor_after_tuning") else cell.method
     options = ["--model.pruning.target", f"{fraction:.6f}", "--model.pruning.units", json.dumps(units)]
-    return options + ["--model.pruning.method", method], {"units": units, "kept_fraction": fraction}
+    options += ["--model.pruning.method", method, *vocabulary_options(cell)]
+    return options, {"units": units, "kept_fraction": fraction, "kept_tokens": kept_tokens}
+
+
+def vocabulary_options(cell: Cell) -> list[str]:
+    """Domain vocabulary trimming on (the domain's tokens only, ``keep_top`` 0) or off."""
+    return ["--model.pruning.vocabulary.keep_top", "0"] if cell.vocabulary else []
 
 
 def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str], learned: dict | None = None) -> dict:
@@ -267,7 +320,11 @@ def run_cell(suite: dict, cell: Cell, seed: int, folder: Path, extra: list[str],
         export = max((folder / "fit" / "lightning_logs").glob("version_*/export"))
         model = str(export)
         report = json.loads((export / "pruning_report.json").read_text())
+        kept_tokens = report.get("vocabulary", {}).get("after")
+        if recorded.get("kept_tokens") not in (None, kept_tokens):
+            raise RuntimeError(f"the export kept {kept_tokens} tokens, the budget counted {recorded['kept_tokens']}")
     test = ["--trainer.default_root_dir", str(folder / "test"), "--model.pruning", "null"]
+    test += ["--data.reference_tokenizer", config_value(suite, extra, "model.model")]  # trimmed exports: same text
     if ARGS.test_batch_size:
         test += ["--data.batch_size", str(ARGS.test_batch_size)]
     if model is not None:
@@ -587,11 +644,15 @@ def plan(args: argparse.Namespace) -> list[Cell]:
         for k in args.steps_multiplier:
             for method in (m for m in methods if m in PRUNED_METHODS and m != "taylor_learned_shape"):
                 if not (args.distilled_only and method in args.distill):
-                    cells.append(Cell(method, total, k))
+                    cells.append(Cell(method, total, k, vocabulary=args.vocabulary))
                 if method in args.distill:
-                    cells.append(Cell(method, total, k, True))
+                    cells.append(Cell(method, total, k, True, args.vocabulary))
     if "taylor_learned_shape" in methods:
-        cells += [Cell("taylor_learned_shape", t, k) for t in args.total_kept for k in args.steps_multiplier]
+        cells += [
+            Cell("taylor_learned_shape", t, k, vocabulary=args.vocabulary)
+            for t in args.total_kept
+            for k in args.steps_multiplier
+        ]
     return cells
 
 
@@ -626,7 +687,7 @@ def main() -> None:
         try:
             learned = None
             if cell.method == "taylor_learned_shape":  # its one-stage cell was queued earlier: it has started
-                one_stage = Cell("one_stage", cell.total_kept, cell.multiplier)
+                one_stage = Cell("one_stage", cell.total_kept, cell.multiplier, vocabulary=cell.vocabulary)
                 finished.get((seed, one_stage.name), DONE).wait()
                 path = cells_dir(seed) / f"{one_stage.name}.json"
                 if not path.is_file():
@@ -705,6 +766,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--distilled-only", action="store_true", help="run the --distill methods with it only")
+    parser.add_argument(
+        "--vocabulary",
+        action="store_true",
+        help="pruned cells trim the vocabulary to the domain's tokens; the freed rows go to the structure",
+    )
     parser.add_argument(
         "--test-batch-size", type=int, help="rows per test batch (the results do not depend on it; a GPU takes more)"
     )

@@ -24,7 +24,15 @@ from transformers import AutoTokenizer
 
 from tailored.data import cleaning, sources
 from tailored.data.packing import loss_positions, packed_batch, padding_share
-from tailored.data.tasks import IGNORE_INDEX, Task, encode_eval_item, encode_example, pack_text, renamed_option
+from tailored.data.tasks import (
+    IGNORE_INDEX,
+    Task,
+    encode_eval_item,
+    encode_example,
+    pack_text,
+    renamed_option,
+    respelled_blocks,
+)
 from tailored.models import check_model_name, resolve_model
 
 HELD_OUT_SEED = 0
@@ -122,6 +130,10 @@ class DomainData(L.LightningDataModule):
             inside each example (tailored.data.packing): the same examples and loss, less padding. Exact with the
             attention implementations transformers masks per example (sdpa, the default, eager, flash, flex);
             false pads every example to the batch's longest. Held-out batches are always padded.
+        reference_tokenizer: model name or path whose tokenizer cuts held-out language-modelling text into blocks
+            and counts its tokens: the loss and perplexity are per token of this tokenizer. Give the base model
+            when testing a vocabulary-trimmed export (docs/vocabulary.md), so its perplexity compares with the
+            base's on the same text. Default: the model's own tokenizer.
     """
 
     def __init__(
@@ -141,6 +153,7 @@ class DomainData(L.LightningDataModule):
         reference_losses: dict[str, float] | None = None,
         eval_rows: int | None = None,
         packing: bool = True,
+        reference_tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         if eval_rows is not None:
@@ -172,9 +185,10 @@ class DomainData(L.LightningDataModule):
                     task.check_columns(found, source)
                     if task.start_at is not None or task.stop_at is not None:
                         self._rows(task, source)  # a marker no row begins with
-        if tokenizer:
-            check_model_name(tokenizer)
-        self.tokenizer = None
+        for name in filter(None, (tokenizer, reference_tokenizer)):
+            check_model_name(name)
+        self.reference_tokenizer_name = reference_tokenizer
+        self.tokenizer = self.reference_tokenizer = None
         self.train_examples: list[list[dict]] = []
         self.val_items: list[list[dict]] = []
         self.eval_items: list[list[dict]] = []  # test items
@@ -186,6 +200,8 @@ class DomainData(L.LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_name))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.reference_tokenizer_name:
+            self.reference_tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.reference_tokenizer_name))
         self.split_sizes = []
         for index, task in enumerate(self.tasks):
             rows = self.split_rows(task)
@@ -284,9 +300,10 @@ class DomainData(L.LightningDataModule):
 
     def validation_encoded_by(self, tokenizer) -> DomainData:
         """A copy of this data whose validation items are encoded by ``tokenizer`` (a vocabulary-trimmed export's
-        own, whose ids differ): the same rows, shots and sizes."""
+        own, whose ids differ): the same rows, shots and sizes; language-modelling text in this data's blocks, its
+        loss per token of this data's tokenizer (:func:`tailored.data.tasks.respelled_blocks`)."""
         data = copy.copy(self)
-        data.tokenizer = tokenizer
+        data.tokenizer, data.reference_tokenizer = tokenizer, self.reference_tokenizer or self.tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         data.val_items = [
@@ -302,10 +319,7 @@ class DomainData(L.LightningDataModule):
 
     def _encode_eval(self, task_index: int, task: Task, train_rows, eval_rows) -> list[dict]:
         if task.kind == "language_modeling":
-            blocks = self._encode(task, eval_rows)
-            if len(blocks) <= self.eval_blocks:
-                return blocks
-            return [blocks[i * len(blocks) // self.eval_blocks] for i in range(self.eval_blocks)]
+            return self._held_out_blocks(task, eval_rows)
         items = [
             encode_eval_item(
                 task,
@@ -318,6 +332,17 @@ class DomainData(L.LightningDataModule):
             for row_index, row in enumerate(eval_rows)
         ]
         return sorted(items, key=evaluation_length)  # batches of like lengths: little padding
+
+    def _held_out_blocks(self, task: Task, rows) -> list[dict]:
+        """At most ``eval_blocks`` blocks of ``seq_len`` reference tokens, evenly spread over the held-out text;
+        respelled by the model's tokenizer where its vocabulary is not the reference's."""
+        reference = self.reference_tokenizer or self.tokenizer
+        blocks = pack_text(task, rows, reference, self.seq_len)
+        if len(blocks) > self.eval_blocks:
+            blocks = [blocks[i * len(blocks) // self.eval_blocks] for i in range(self.eval_blocks)]
+        if reference is self.tokenizer or reference.get_vocab() == self.tokenizer.get_vocab():
+            return blocks
+        return respelled_blocks(blocks, reference, self.tokenizer)
 
     def shots_for(self, task_index: int, row_index: int, train_rows) -> list[dict]:
         """The k-shot examples of held-out row ``row_index``: training rows drawn by ``(seed, task, row)``."""
@@ -376,9 +401,12 @@ class DomainData(L.LightningDataModule):
 
         - options (classification, multiple choice): ``option_input_ids``, ``option_attention_mask``
           ``[B * n_options, T]``, left-padded prompt + option, ``option_lengths`` ``[B * n_options]``, ``label`` [B];
-        - generation: ``prompt_input_ids``, ``prompt_attention_mask`` ``[B, T]`` left-padded, ``references``.
+        - generation: ``prompt_input_ids``, ``prompt_attention_mask`` ``[B, T]`` left-padded, ``references``;
+        - respelled language-modelling blocks: ``reference_tokens`` ``[B]`` (what each row's loss is divided by).
         """
         batch = self.collate(items)
+        if "reference_tokens" in items[0]:
+            batch["reference_tokens"] = torch.tensor([item["reference_tokens"] for item in items], dtype=torch.float)
         pad_id = self.tokenizer.pad_token_id
         if "option_ids" in items[0]:
             sequences = [item["prompt_ids"] + option for item in items for option in item["option_ids"]]

@@ -92,10 +92,13 @@ class TaskMetrics(nn.Module):
         (:func:`row_statistic` gives back every metric from them)."""
         return {name: column.tolist() for name, column in self.columns().items()}
 
-    def update_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def update_loss(self, logits: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         """Teacher-forced loss of a batch: ``logits [B, K, V]`` predict ``targets [B, K]`` (aligned, not shifted;
-        :data:`tailored.data.tasks.IGNORE_INDEX` where a position does not count; see :func:`loss_positions`)."""
-        nll, tokens = row_losses(logits, targets)
+        :data:`tailored.data.tasks.IGNORE_INDEX` where a position does not count; see :func:`loss_positions`).
+        ``tokens [B]``: what each row's summed loss is divided by, when not its counted targets (the reference
+        tokenizer's count of a respelled block, :func:`tailored.data.tasks.respelled_blocks`)."""
+        nll, counted = row_losses(logits, targets)
+        tokens = counted if tokens is None else tokens.to(counted)
         self.loss.update(nll.sum() / tokens.sum().clamp(min=1), weight=tokens.sum())
         self.row_nll.update(nll)
         self.row_tokens.update(tokens)

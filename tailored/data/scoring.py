@@ -102,7 +102,7 @@ def score_batch(model: nn.Module, batch: dict, task, metrics, tokenizer, synced:
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
     ).logits
-    metrics.update_loss(logits, targets)
+    metrics.update_loss(logits, targets, batch.get("reference_tokens"))
     if "option_input_ids" in batch:
         scores = option_log_likelihoods(model, batch)
         metrics.update_options(scores, batch["option_lengths"], batch["label"])

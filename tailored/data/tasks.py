@@ -297,3 +297,19 @@ def pack_text(task: Task, rows, tokenizer, block_size: int) -> list[dict[str, li
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     blocks = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
     return [{"input_ids": block, "labels": block} for block in blocks]
+
+
+def respelled_blocks(blocks: list[dict[str, list[int]]], reference, tokenizer) -> list[dict]:
+    """Held-out blocks cut in ``reference``'s tokens, each block's text encoded by ``tokenizer`` instead.
+
+    A vocabulary-trimmed export spells words outside its vocabulary with more, smaller tokens, so its per-token
+    loss is not comparable with its base model's, and blocks cut in its own tokens cover other text. Here both
+    models read the same text, and ``reference_tokens`` (the positions the reference block predicts, its length
+    minus one) is what the summed loss is divided by: a loss per reference token, equal to the per-token loss for
+    a model that uses the reference tokenizer itself.
+    """
+    respelled = []
+    for block in blocks:
+        ids = tokenizer(reference.decode(block["input_ids"]), add_special_tokens=False)["input_ids"]
+        respelled.append({"input_ids": ids, "labels": ids, "reference_tokens": len(block["input_ids"]) - 1})
+    return respelled

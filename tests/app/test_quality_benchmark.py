@@ -144,6 +144,31 @@ def test_budgets_are_fractions_of_the_total_parameters_whatever_units_a_method_p
         quality.prunable_target(str(tiny_model_dir), ["groups"], 0.2)  # attention alone cannot remove 80%
 
 
+def test_a_trimmed_vocabulary_gives_its_rows_to_the_pruned_units_at_the_same_total(tiny_model_dir, monkeypatch):
+    """With K kept tokens the export still has total * N parameters: fixed (counted with K rows) + fraction *
+    prunable; the cells say so in their names and fit options."""
+    import dataclasses
+
+    from tailored.core.structure import structure_from_config
+    from tailored.core.targets import prunable_bounds
+    from tailored.models import load_config
+
+    structure = structure_from_config(load_config(str(tiny_model_dir)))
+    units, kept = ["groups", "channels"], structure.vocab_size // 2
+    fixed, full = prunable_bounds(structure, tuple(units))
+    trimmed_fixed = prunable_bounds(dataclasses.replace(structure, vocab_size=kept), tuple(units))[0]
+    fraction = quality.prunable_target(str(tiny_model_dir), units, 0.75, kept)
+    assert trimmed_fixed + fraction * (full - fixed) == pytest.approx(0.75 * full)
+    assert fraction > quality.prunable_target(str(tiny_model_dir), units, 0.75)
+    with pytest.raises(ValueError, match="hidden"):
+        quality.prunable_target(str(tiny_model_dir), [*units, "hidden"], 0.75, kept)
+    cells = quality.plan(quality.parse_args(["--methods", "lora", "one_stage", "--total-kept", "0.5", "--vocabulary"]))
+    assert [cell.name for cell in cells] == ["lora", "one_stage-0.5-vocab"]
+    monkeypatch.setattr(quality, "domain_vocabulary_size", lambda suite, extra: 40)
+    options, recorded = quality.pruning_options(quality.SUITES["quickstart"], cells[1], [], None)
+    assert options[-2:] == ["--model.pruning.vocabulary.keep_top", "0"] and recorded["kept_tokens"] == 40
+
+
 def test_the_plan_runs_every_seed_and_token_budget_and_the_learned_shape_cells_last(monkeypatch):
     args = quality.parse_args(["--seeds", "0", "1", "--steps-multiplier", "1", "4", "--total-kept", "0.75"])
     cells = quality.plan(args)
@@ -165,7 +190,7 @@ def test_the_plan_runs_every_seed_and_token_budget_and_the_learned_shape_cells_l
     assert options[-2:] == ["--model.pruning.method", "taylor"] and recorded["units"] == ["groups", "channels"]
     with pytest.raises(RuntimeError, match="learned shape"):
         quality.pruning_options(suite, quality.Cell("taylor_learned_shape", 0.75), [], {"units": [], "shape": None})
-    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total: 0.5)
+    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total, kept_tokens=None: 0.5)
     options, recorded = quality.pruning_options(suite, quality.Cell("taylor_grid_channels", 0.75), [], None)
     assert options == ["--model.pruning.target", "0.500000", "--model.pruning.units", '["channels"]',
                        "--model.pruning.method", "taylor"]  # fmt: skip
@@ -186,7 +211,7 @@ def test_tune_prune_tune_splits_the_token_budget_at_the_one_stage_transition(tmp
         (root / "lightning_logs" / "version_0" / "export").mkdir(parents=True)
 
     monkeypatch.setattr(quality, "tailored", fake_tailored)
-    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total: 0.6)
+    monkeypatch.setattr(quality, "prunable_target", lambda model, units, total, kept_tokens=None: 0.6)
     suite = quality.SUITES["medical"]  # pruning.recovery 0.6 of 200 steps: the transition at step 80
     cell = quality.Cell("taylor_after_tuning", 0.75)
     options, recorded = quality.pruning_options(suite, cell, [], None)
