@@ -50,7 +50,6 @@ which a model without skill answers on every row (its accuracy stays in the cell
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -189,20 +188,20 @@ def chance_levels(suite_name: str) -> dict[str, float | None]:
 def prunable_target(model: str, units: list[str], total_kept: float, kept_tokens: int | None = None) -> float:
     """The kept fraction of the prunable parameters of ``units`` that leaves ``total_kept`` of the model's total:
     ``(total_kept * N - fixed) / (N - fixed)``, ``fixed`` the parameters those units cannot remove. With
-    ``kept_tokens`` (a trimmed vocabulary) the numerator's ``fixed`` is counted with that vocabulary: the rows it
-    removes go to the pruned units, and the export still has ``total_kept * N`` parameters."""
+    ``kept_tokens`` (a trimmed vocabulary) the fraction is raised by the rows it removes
+    (:func:`tailored.core.targets.reinvested_fraction`, what ``pruning.vocabulary.reinvest`` does in a run): the
+    export still has ``total_kept * N`` parameters."""
     from tailored.core.structure import structure_from_config  # imported here: the tables need no model
-    from tailored.core.targets import prunable_bounds
+    from tailored.core.targets import prunable_bounds, reinvested_fraction
     from tailored.models import load_config
 
     structure = structure_from_config(load_config(model))
     fixed, full = prunable_bounds(structure, tuple(units))
-    prunable = full - fixed
+    fraction = (total_kept * full - fixed) / (full - fixed)
     if kept_tokens is not None:
         if "hidden" in units:  # the embedding rows shrink with the hidden dims: not a fixed count
             raise ValueError("a trimmed vocabulary's budget is counted with the hidden size unpruned; drop hidden")
-        fixed = prunable_bounds(dataclasses.replace(structure, vocab_size=kept_tokens), tuple(units))[0]
-    fraction = (total_kept * full - fixed) / prunable
+        fraction = reinvested_fraction(structure, tuple(units), fraction, kept_tokens)
     if not 0 < fraction < 1:
         raise ValueError(
             f"total kept {total_kept:g} cannot be met by pruning {units}: they cannot remove {fixed / full:.1%} of "

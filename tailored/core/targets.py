@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -77,6 +77,17 @@ def prunable_fraction(structure: ModelStructure, prune: tuple[str, ...], count: 
     """Kept fraction of the prunable parameters for a (possibly expected) parameter ``count``."""
     fixed, full = prunable_bounds(structure, prune)
     return (count - fixed) / (full - fixed)
+
+
+def reinvested_fraction(structure: ModelStructure, prune: tuple[str, ...], fraction: float, vocab_size: int) -> float:
+    """The kept fraction of the prunable parameters whose model, its vocabulary trimmed to ``vocab_size`` tokens, has
+    as many parameters as ``fraction`` gives with every token: ``fraction + (fixed - fixed_K) / (N - fixed)``, with
+    ``fixed`` and ``fixed_K`` the parameters ``prune`` cannot remove at the full and the trimmed vocabulary. The
+    embedding (and untied ``lm_head``) rows trimming removes go to the pruned units. With hidden dims unpruned, the
+    prunable parameters ``N - fixed`` do not depend on the vocabulary."""
+    fixed, full = prunable_bounds(structure, prune)
+    trimmed_fixed = prunable_bounds(replace(structure, vocab_size=vocab_size), prune)[0]
+    return fraction + (fixed - trimmed_fixed) / (full - fixed)
 
 
 def hidden_multiple(structure: ModelStructure, groups: int, round_to: int) -> int:

@@ -48,7 +48,14 @@ from tailored.train.settings import (
 from tailored.train.sharding import average_gradients, clip_gradients, is_sharded, shard
 from tailored.train.teacher import CorrectedTeacher, kept_teacher, teacher_outputs
 from tailored.train.transition import check_adapters, importance_scores, prune_now
-from tailored.train.vocabulary import CHECKPOINT_KEY, check_tokenizer, domain_token_ids, mask_training_logits
+from tailored.train.vocabulary import (
+    CHECKPOINT_KEY,
+    check_tokenizer,
+    domain_token_ids,
+    mask_training_logits,
+    reinvest_rows,
+    reinvests,
+)
 
 
 class TailoredModule(HeldOutEvaluation):
@@ -119,6 +126,9 @@ class TailoredModule(HeldOutEvaluation):
                 self.optimizer_settings.warmup_steps,
             )
             check_tokenizer(self)
+        if reinvests(self):  # the kept tokens set the target, before configure_model builds the gates
+            self.kept_tokens = self.kept_tokens or domain_token_ids(self)
+            reinvest_rows(self)
         self.tasks = self.trainer.datamodule.tasks
         self.task_metrics = torch.nn.ModuleList(TaskMetrics(task) for task in self.tasks).to(self.device)
 
@@ -356,6 +366,8 @@ class TailoredModule(HeldOutEvaluation):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kept_tokens = checkpoint.get(CHECKPOINT_KEY)  # before restore: a replayed "prune now" masks with them
+        if reinvests(self) and self.kept_tokens is not None:  # tailored export: no data, the checkpoint's tokens
+            reinvest_rows(self)
         checkpoints.restore(self, checkpoint)
 
     def export(self, path: str | Path, overwrite: bool = False, model: torch.nn.Module | None = None) -> dict:

@@ -15,7 +15,7 @@ from tailored.core.importance import CRITERIA
 from tailored.core.lora import PROJECTIONS
 from tailored.core.losses import CHUNK_ELEMENTS
 from tailored.core.structure import ModelStructure, structure_from_config
-from tailored.core.targets import ALLOCATIONS, SparsityTarget, resolve_target
+from tailored.core.targets import ALLOCATIONS, SparsityTarget, reinvested_fraction, resolve_target
 from tailored.models import check_model_name, is_pruned_export, load_config
 
 METHODS = ("one_stage", *CRITERIA)
@@ -55,6 +55,11 @@ class VocabularySettings:
 
     keep_top: int = 0
     """Also keep the base tokenizer's this many lowest ids (its most frequent pieces: general text stays short)."""
+    reinvest: bool = False
+    """Give the rows trimming removes to the pruned units: the export has the size ``pruning.target`` gives without
+    trimming, with more KV groups and channels (the target's share of the prunable parameters is raised by the
+    rows' count, :func:`tailored.core.targets.reinvested_fraction`, once the kept tokens are counted). false: the
+    trimming comes on top of the target, a smaller export."""
 
     def check(self) -> None:
         """Raise a ``ValueError`` naming the setting that cannot work."""
@@ -164,6 +169,12 @@ class PruningSettings:
             raise ValueError(f"pruning.calibration_batches must be >= 1, got {self.calibration_batches}")
         if self.vocabulary is not None:
             self.vocabulary.check()
+            if self.vocabulary.reinvest and (self.target is None or "hidden" in self.units):
+                raise ValueError(
+                    "pruning.vocabulary.reinvest raises pruning.target (a fraction) by the trimmed rows, counted with "
+                    "the hidden size unpruned: give pruning.target, not target_shape, and leave hidden out of "
+                    "pruning.units; or set reinvest false"
+                )
         if self.importance_spread < 0:
             raise ValueError(f"pruning.importance_spread must be >= 0, got {self.importance_spread}")
         if self.logits not in LOGIT_SOURCES:
@@ -322,9 +333,13 @@ def check_fit(
         )
 
 
-def model_target(model: str, pruning: PruningSettings | None) -> tuple[ModelStructure | None, SparsityTarget | None]:
+def model_target(
+    model: str, pruning: PruningSettings | None, kept_tokens: int | None = None
+) -> tuple[ModelStructure | None, SparsityTarget | None]:
     """The structure of ``model`` read from its config (None for a non-uniform tailored export, which is tuned and
-    evaluated as it is) and the sparsity target ``pruning`` resolves to; ``ValueError`` before any weight loads."""
+    evaluated as it is) and the sparsity target ``pruning`` resolves to; ``ValueError`` before any weight loads.
+    ``kept_tokens``: the size of the trimmed vocabulary, once counted, which ``pruning.vocabulary.reinvest`` adds to
+    the target (before that, and without reinvest, the target is ``pruning.target`` as given)."""
     check_model_name(model)
     config = load_config(model)
     if is_pruned_export(config):
@@ -339,7 +354,16 @@ def model_target(model: str, pruning: PruningSettings | None) -> tuple[ModelStru
         return structure, None
     units = tuple(pruning.units)
     allocation = "proportional" if pruning.two_stage else pruning.allocation  # a baseline prunes to a fixed shape
-    return structure, resolve_target(structure, units, pruning.target, pruning.target_shape, pruning.uniform,
+    fraction = pruning.target
+    if kept_tokens is not None and pruning.vocabulary is not None and pruning.vocabulary.reinvest:
+        fraction = reinvested_fraction(structure, units, pruning.target, kept_tokens)
+        if fraction >= 1:
+            raise ValueError(
+                f"pruning.vocabulary.reinvest: the rows of the {structure.vocab_size - kept_tokens:,} trimmed tokens "
+                f"would raise pruning.target {pruning.target:g} to {fraction:.3f} of the prunable parameters, more "
+                "than there are; lower pruning.target or set reinvest false"
+            )
+    return structure, resolve_target(structure, units, fraction, pruning.target_shape, pruning.uniform,
                                      pruning.round_to, allocation)  # fmt: skip
 
 

@@ -1,13 +1,19 @@
 """A run's domain vocabulary (``pruning.vocabulary``): the kept ids, counted on the training split when fit starts,
 the removed ids' logits masked in the training loss, and the trimming at export (:mod:`tailored.core.vocabulary`).
 
-The kept ids are written to checkpoints, so ``tailored export`` trims a checkpoint's model without the data.
+The kept ids are written to checkpoints, so ``tailored export`` trims a checkpoint's model without the data. With
+``pruning.vocabulary.reinvest`` they are counted when the run sets up, before any weight loads, and the target is
+raised by the rows they free (:func:`reinvest_rows`), in every run that reads them (fit, test, a resumed fit, and
+``tailored export`` of a checkpoint).
 """
 
 from __future__ import annotations
 
-from tailored.core.structure import unwrap
+from transformers import GenerationConfig
+
 from tailored.core.vocabulary import backend_spec, base_pieces, config_token_ids, kept_token_ids, mask_removed_logits
+from tailored.models import load_config, resolve_model
+from tailored.train.settings import model_target
 
 CHECKPOINT_KEY = "tailored_vocabulary"
 """Where a checkpoint holds the kept ids (a sorted list, or None without vocabulary trimming)."""
@@ -22,11 +28,30 @@ def check_tokenizer(module) -> None:
 
 def domain_token_ids(module) -> list[int]:
     """The ids the export keeps: every token of the training split (the examples as the model trains on them),
-    the tokenizer's special and base pieces, the config's bos/eos/pad, ``keep_top`` and their merge ancestors."""
-    data, model = module.trainer.datamodule, unwrap(module.model)
+    the tokenizer's special and base pieces, the bos/eos/pad of the model's config and generation config,
+    ``keep_top`` and their merge ancestors. Read from the model's files: no weights need to be loaded."""
+    data = module.trainer.datamodule
     sequences = (example["input_ids"] for examples in data.train_examples for example in examples)
-    always = config_token_ids(model.config, getattr(model, "generation_config", None))
+    try:
+        generation = GenerationConfig.from_pretrained(resolve_model(module.model_name))
+    except OSError:  # no generation_config.json: the loaded model's is made from its config
+        generation = None
+    always = config_token_ids(load_config(module.model_name), generation)
     return kept_token_ids(data.tokenizer, sequences, module.pruning_settings.vocabulary.keep_top, always)
+
+
+def reinvests(module) -> bool:
+    """Whether the run gives the trimmed vocabulary's rows to the pruned units (``pruning.vocabulary.reinvest``)."""
+    settings = module.pruning_settings
+    return settings is not None and settings.vocabulary is not None and settings.vocabulary.reinvest
+
+
+def reinvest_rows(module) -> None:
+    """Raise the module's target by the rows its kept tokens free (:func:`tailored.core.targets.reinvested_fraction`),
+    on the gates too once they exist; the same target whenever it is called with the same kept tokens."""
+    module.target = model_target(module.model_name, module.pruning_settings, len(module.kept_tokens))[1]
+    if getattr(module, "gates", None) is not None:
+        module.gates.target = module.target
 
 
 def mask_training_logits(module) -> None:
