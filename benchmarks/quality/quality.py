@@ -212,24 +212,16 @@ def prunable_target(model: str, units: list[str], total_kept: float, kept_tokens
 
 def domain_vocabulary_size(suite: dict, extra: list[str]) -> int:
     """How many tokens ``pruning.vocabulary`` (keep_top 0) keeps for the suite's training split: the count the
-    fit will find (:func:`tailored.train.vocabulary.domain_token_ids`), known before it starts."""
-    from transformers import GenerationConfig
-
-    from tailored.core.vocabulary import config_token_ids, kept_token_ids
+    fit will find (:func:`tailored.train.vocabulary.training_split_token_ids`), known before it starts."""
     from tailored.data.datamodule import DomainData
-    from tailored.models import load_config, resolve_model
+    from tailored.train.vocabulary import training_split_token_ids
 
     model = config_value(suite, extra, "model.model")
     tasks = [Task(**task) for task in config_value(suite, extra, "data.tasks")]
     data_dir, seq_len = ROOT / config_value(suite, extra, "data.data_dir"), config_value(suite, extra, "data.seq_len")
     data = DomainData(tasks, tokenizer=model, seq_len=seq_len, data_dir=str(data_dir))
     data.setup("fit")
-    try:
-        generation = GenerationConfig.from_pretrained(resolve_model(model))
-    except OSError:  # no generation_config.json: the model's is made from its config
-        generation = None
-    sequences = (example["input_ids"] for examples in data.train_examples for example in examples)
-    return len(kept_token_ids(data.tokenizer, sequences, 0, config_token_ids(load_config(model), generation)))
+    return len(training_split_token_ids(data, model, keep_top=0))
 
 
 def tailored(*args: str, log: Path) -> None:

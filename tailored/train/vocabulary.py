@@ -27,17 +27,23 @@ def check_tokenizer(module) -> None:
 
 
 def domain_token_ids(module) -> list[int]:
-    """The ids the export keeps: every token of the training split (the examples as the model trains on them),
-    the tokenizer's special and base pieces, the bos/eos/pad of the model's config and generation config,
-    ``keep_top`` and their merge ancestors. Read from the model's files: no weights need to be loaded."""
-    data = module.trainer.datamodule
+    """The ids the run's export keeps (:func:`training_split_token_ids` of its data and base model)."""
+    settings = module.pruning_settings.vocabulary
+    return training_split_token_ids(module.trainer.datamodule, module.model_name, settings.keep_top)
+
+
+def training_split_token_ids(data, model_name: str, keep_top: int) -> list[int]:
+    """The ids a trimmed vocabulary keeps for set-up ``data`` (a :class:`tailored.data.datamodule.DomainData`):
+    every token of its training split (the examples as the model trains on them), the tokenizer's special and base
+    pieces, the bos/eos/pad of the model's config and generation config, ``keep_top`` and their merge ancestors.
+    Read from the model's files: no weights need to be loaded."""
     sequences = (example["input_ids"] for examples in data.train_examples for example in examples)
     try:
-        generation = GenerationConfig.from_pretrained(resolve_model(module.model_name))
+        generation = GenerationConfig.from_pretrained(resolve_model(model_name))
     except OSError:  # no generation_config.json: the loaded model's is made from its config
         generation = None
-    always = config_token_ids(load_config(module.model_name), generation)
-    return kept_token_ids(data.tokenizer, sequences, module.pruning_settings.vocabulary.keep_top, always)
+    always = config_token_ids(load_config(model_name), generation)
+    return kept_token_ids(data.tokenizer, sequences, keep_top, always)
 
 
 def reinvests(module) -> bool:
